@@ -1,0 +1,51 @@
+#include "cpu_features.h"
+
+#include <cstdlib>
+#include <cstring>
+
+namespace neo {
+namespace {
+
+Isa probe() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl")) {
+    if (__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512fp16"))
+      return Isa::kAvx512Bf16Fp16;
+    return Isa::kAvx512;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c"))
+    return Isa::kAvx2;
+#endif
+  return Isa::kScalar;
+}
+
+Isa cap_from_env(Isa found) {
+  const char* requested = std::getenv("NEO_CPU_ISA");
+  if (requested == nullptr) return found;
+  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16Fp16}) {
+    if (isa_name(isa) == requested && isa <= found) return isa;
+  }
+  return found;
+}
+
+}  // namespace
+
+Isa best_isa() {
+  static const Isa isa = cap_from_env(probe());
+  return isa;
+}
+
+std::string isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512Bf16Fp16: return "avx512_bf16";
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kScalar: return "scalar";
+  }
+  return "scalar";
+}
+
+}  // namespace neo

@@ -1,0 +1,1 @@
+"""Flax Llama models and their weight loading."""
