@@ -1,0 +1,1 @@
+"""GPU kernels (paged decode attention) and their pure-JAX references."""
