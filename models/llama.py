@@ -1,0 +1,184 @@
+"""Flax Llama (Llama 2, 3, 3.1): a decoder layer split into three pure functions.
+
+Linen rather than NNX: `init` and `apply` are already pure functions of a params pytree, which is what jitted
+steps that donate the KV cache, a `lax.scan` over stacked layers, orbax and weight loading all want; NNX's
+mutable objects would need a split/merge at every jit boundary.
+
+Params (every leaf of "layers" carries a leading [L] axis, so engines `lax.scan` over layers):
+  embed       [V, D]            final_norm [D]          lm_head [D, V] (untied checkpoints only)
+  layers/input_norm [L, D]      wq [L, D, Hq*Dh]        wk, wv [L, D, Hkv*Dh]     wo [L, Hq*Dh, D]
+  layers/post_norm  [L, D]      w_gate, w_up [L, D, I]  w_down [L, I, D]
+The layer functions take tokens flattened across requests: hidden [T, D], positions int32 [T].
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from neo_jax.models.config import ModelConfig, RopeScaling
+
+Params = dict[str, Any]
+
+
+def _dense(x: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.einsum("...i,io->...o", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed.astype(x.dtype) * scale).astype(x.dtype)
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> jax.Array:
+    """Per-pair rotation frequencies [Dh/2], with llama3 scaling applied when configured."""
+    exponents = jnp.arange(0, config.head_dim, 2, dtype=jnp.float32) / config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** exponents)
+    if config.rope_scaling is not None:
+        inv_freq = _llama3_scaled(inv_freq, config.rope_scaling)
+    return inv_freq
+
+
+def _llama3_scaled(inv_freq: jax.Array, scaling: RopeScaling) -> jax.Array:
+    low_freq_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_freq_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    is_medium = (wavelen <= low_freq_wavelen) & (wavelen >= high_freq_wavelen)
+    return jnp.where(is_medium, blended, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, config: ModelConfig) -> jax.Array:
+    """Rotates x [T, H, Dh] by positions [T], HF's half-split convention, in fp32."""
+    angles = positions.astype(jnp.float32)[:, None] * rope_inverse_frequencies(config)[None, :]
+    cos = jnp.cos(angles)[:, None, :]
+    sin = jnp.sin(angles)[:, None, :]
+    x32 = x.astype(jnp.float32)
+    first, second = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    """One Llama layer; its two halves are exposed as methods and wrapped as pure functions below."""
+
+    config: ModelConfig
+
+    def setup(self) -> None:
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        dense_init = nn.initializers.normal(0.02)
+        self.input_norm = self.param("input_norm", nn.initializers.ones, (c.hidden_size,), dtype)
+        self.wq = self.param("wq", dense_init, (c.hidden_size, c.num_heads * c.head_dim), dtype)
+        self.wk = self.param("wk", dense_init, (c.hidden_size, c.num_kv_heads * c.head_dim), dtype)
+        self.wv = self.param("wv", dense_init, (c.hidden_size, c.num_kv_heads * c.head_dim), dtype)
+        self.wo = self.param("wo", dense_init, (c.num_heads * c.head_dim, c.hidden_size), dtype)
+        self.post_norm = self.param("post_norm", nn.initializers.ones, (c.hidden_size,), dtype)
+        self.w_gate = self.param("w_gate", dense_init, (c.hidden_size, c.intermediate_size), dtype)
+        self.w_up = self.param("w_up", dense_init, (c.hidden_size, c.intermediate_size), dtype)
+        self.w_down = self.param("w_down", dense_init, (c.intermediate_size, c.hidden_size), dtype)
+
+    def pre_attention(self, hidden: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        c = self.config
+        x = rms_norm(hidden, self.input_norm, c.rms_norm_eps)
+        num_tokens = hidden.shape[0]
+        q = _dense(x, self.wq).reshape(num_tokens, c.num_heads, c.head_dim)
+        k = _dense(x, self.wk).reshape(num_tokens, c.num_kv_heads, c.head_dim)
+        v = _dense(x, self.wv).reshape(num_tokens, c.num_kv_heads, c.head_dim)
+        return apply_rope(q, positions, c), apply_rope(k, positions, c), v
+
+    def post_attention(self, hidden: jax.Array, attn_out: jax.Array) -> jax.Array:
+        c = self.config
+        hidden = hidden + _dense(attn_out.reshape(hidden.shape[0], -1).astype(hidden.dtype), self.wo)
+        x = rms_norm(hidden, self.post_norm, c.rms_norm_eps)
+        gate = _dense(x, self.w_gate)
+        mlp = _dense(jax.nn.silu(gate.astype(jnp.float32)).astype(x.dtype) * _dense(x, self.w_up), self.w_down)
+        return hidden + mlp
+
+    def __call__(self, hidden: jax.Array, positions: jax.Array) -> jax.Array:
+        q, k, v = self.pre_attention(hidden, positions)
+        return self.post_attention(hidden, causal_attention(q[None], k[None], v[None])[0])
+
+
+def pre_attention(layer_params: Params, config: ModelConfig, hidden: jax.Array,
+                  positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Input norm, QKV projection, RoPE: hidden [T, D] -> q [T, Hq, Dh], k, v [T, Hkv, Dh]."""
+    return DecoderLayer(config).apply({"params": layer_params}, hidden, positions,
+                                      method=DecoderLayer.pre_attention)
+
+
+def post_attention(layer_params: Params, config: ModelConfig, hidden: jax.Array,
+                   attn_out: jax.Array) -> jax.Array:
+    """Output projection, residual, norm, SiLU MLP, residual: the layer's input [T, D] and attention [T, Hq, Dh]."""
+    return DecoderLayer(config).apply({"params": layer_params}, hidden, attn_out,
+                                      method=DecoderLayer.post_attention)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Reference softmax attention, fp32: q [B, S, Hq, Dh], k/v [B, S, Hkv, Dh] -> [B, S, Hq, Dh]."""
+    batch, seq, num_heads, head_dim = q.shape
+    group = num_heads // k.shape[2]
+    qg = q.reshape(batch, seq, k.shape[2], group, head_dim).astype(jnp.float32)
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(jnp.float32)) / math.sqrt(head_dim)
+    mask = jnp.tril(jnp.ones((seq, seq), dtype=bool))
+    probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v.astype(jnp.float32))
+    return out.reshape(batch, seq, num_heads, head_dim).astype(q.dtype)
+
+
+def embed_tokens(params: Params, config: ModelConfig, token_ids: jax.Array) -> jax.Array:
+    return jnp.take(params["embed"], token_ids, axis=0)
+
+
+def final_logits(params: Params, config: ModelConfig, hidden: jax.Array) -> jax.Array:
+    """Final norm and LM head: hidden [T, D] -> float32 logits [T, V]."""
+    x = rms_norm(hidden, params["final_norm"], config.rms_norm_eps)
+    head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+    return jnp.einsum("td,dv->tv", x, head, preferred_element_type=jnp.float32)
+
+
+def layer_params(params: Params, index: int) -> Params:
+    return jax.tree.map(lambda leaf: leaf[index], params["layers"])
+
+
+def forward(params: Params, config: ModelConfig, token_ids: jax.Array) -> jax.Array:
+    """Full causal forward over token_ids [B, S] at positions 0..S-1 -> float32 logits [B, S, V]."""
+    batch, seq = token_ids.shape
+    hidden = embed_tokens(params, config, token_ids.reshape(-1))
+    positions = jnp.tile(jnp.arange(seq, dtype=jnp.int32), batch)
+
+    def layer(hidden: jax.Array, lp: Params) -> tuple[jax.Array, None]:
+        q, k, v = pre_attention(lp, config, hidden, positions)
+        split = lambda x: x.reshape(batch, seq, *x.shape[1:])
+        attn = causal_attention(split(q), split(k), split(v)).reshape(q.shape)
+        return post_attention(lp, config, hidden, attn), None
+
+    hidden, _ = jax.lax.scan(layer, hidden, params["layers"])
+    return final_logits(params, config, hidden).reshape(batch, seq, -1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def init_params(config: ModelConfig, key: jax.Array) -> Params:
+    """Random params made by one jitted program on the default device (seconds for an 8B model)."""
+    dtype = jnp.dtype(config.dtype)
+    embed_key, head_key, layers_key = jax.random.split(key, 3)
+    dummy_hidden = jnp.zeros((1, config.hidden_size), dtype)
+    dummy_positions = jnp.zeros((1,), jnp.int32)
+    init_layer = lambda k: DecoderLayer(config).init(k, dummy_hidden, dummy_positions)["params"]
+    params: Params = {
+        "embed": (0.02 * jax.random.normal(embed_key, (config.vocab_size, config.hidden_size))).astype(dtype),
+        "layers": jax.vmap(init_layer)(jax.random.split(layers_key, config.num_layers)),
+        "final_norm": jnp.ones((config.hidden_size,), dtype),
+    }
+    if not config.tie_word_embeddings:
+        params["lm_head"] = (0.02 * jax.random.normal(head_key, (config.hidden_size, config.vocab_size))).astype(dtype)
+    return params
