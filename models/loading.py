@@ -1,0 +1,154 @@
+"""Weights in and out: HF checkpoints (config.json + safetensors) and orbax checkpoints of our params.
+
+safetensors is parsed here directly (an 8-byte header length, a JSON header, then raw little-endian data) so
+that bf16 tensors arrive as ml_dtypes.bfloat16 NumPy arrays without torch; safetensors' own NumPy and JAX
+loaders reject bf16. HF stores linear weights as [out, in]; they are transposed once, at load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from neo_jax.models.config import ModelConfig
+from neo_jax.models.llama import Params
+
+_SAFETENSORS_DTYPES = {
+    "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F64": np.float64, "I64": np.int64, "I32": np.int32,
+}
+
+# Our name for a layer's tensor -> (HF name inside model.layers.{i}., transpose [out, in] -> [in, out]).
+_LAYER_TENSORS = {
+    "input_norm": ("input_layernorm.weight", False),
+    "wq": ("self_attn.q_proj.weight", True),
+    "wk": ("self_attn.k_proj.weight", True),
+    "wv": ("self_attn.v_proj.weight", True),
+    "wo": ("self_attn.o_proj.weight", True),
+    "post_norm": ("post_attention_layernorm.weight", False),
+    "w_gate": ("mlp.gate_proj.weight", True),
+    "w_up": ("mlp.up_proj.weight", True),
+    "w_down": ("mlp.down_proj.weight", True),
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model: names the tensor or field at fault."""
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of one .safetensors file as NumPy arrays (memory-mapped, bf16 as ml_dtypes.bfloat16)."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{name}: dtype {info['dtype']} is not supported")
+        begin, end = info["data_offsets"]
+        tensors[name] = data[begin:end].view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return tensors
+
+
+def _checkpoint_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [s for s in shards if not os.path.exists(os.path.join(path, s))]
+        if missing:
+            raise CheckpointError(f"{missing[0]}: shard named in model.safetensors.index.json is missing")
+        return [os.path.join(path, s) for s in shards]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    d, i = config.hidden_size, config.intermediate_size
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    return {"input_norm": (d,), "post_norm": (d,), "wq": (d, q), "wk": (d, kv), "wv": (d, kv), "wo": (q, d),
+            "w_gate": (d, i), "w_up": (d, i), "w_down": (i, d)}
+
+
+def load_hf_checkpoint(path: str | os.PathLike, dtype: str | None = None) -> tuple[ModelConfig, Params]:
+    """Config and params of an HF Llama directory, cast to `dtype` (default: the checkpoint's)."""
+    path = os.fspath(path)
+    config = ModelConfig.from_hf(path)
+    if dtype is not None:
+        config = config.with_dtype(dtype)
+    tensors: dict[str, np.ndarray] = {}
+    for file in _checkpoint_files(path):
+        tensors.update(read_safetensors(file))
+    return config, params_from_hf_tensors(config, tensors)
+
+
+def params_from_hf_tensors(config: ModelConfig, tensors: dict[str, np.ndarray]) -> Params:
+    """Maps HF tensor names onto our params, checking every name, shape and dtype."""
+    dtype = jnp.dtype(config.dtype)
+    unused = set(tensors)
+
+    def take(name: str, shape: tuple[int, ...], transpose: bool) -> np.ndarray:
+        if name not in tensors:
+            raise CheckpointError(f"{name}: tensor missing from the checkpoint")
+        unused.discard(name)
+        array = tensors[name]
+        if not np.issubdtype(array.dtype, np.floating) and array.dtype != ml_dtypes.bfloat16:
+            raise CheckpointError(f"{name}: dtype {array.dtype} is not a float type")
+        array = array.T if transpose else array
+        if array.shape != shape:
+            raise CheckpointError(f"{name}: shape {array.shape[::-1] if transpose else array.shape} does not match "
+                                  f"the config's {shape[::-1] if transpose else shape}")
+        return np.asarray(array, dtype=dtype)
+
+    v, d = config.vocab_size, config.hidden_size
+    shapes = _expected_shapes(config)
+    layers = {
+        ours: np.stack([take(f"model.layers.{i}.{hf}", shapes[ours], transpose) for i in range(config.num_layers)])
+        for ours, (hf, transpose) in _LAYER_TENSORS.items()
+    }
+    params: Params = {
+        "embed": take("model.embed_tokens.weight", (v, d), False),
+        "layers": layers,
+        "final_norm": take("model.norm.weight", (d,), False),
+    }
+    if not config.tie_word_embeddings:
+        params["lm_head"] = take("lm_head.weight", (d, v), True)
+    unused -= {n for n in unused if n.endswith("rotary_emb.inv_freq")}
+    if config.tie_word_embeddings:
+        unused.discard("lm_head.weight")
+    if unused:
+        raise CheckpointError(f"{sorted(unused)[0]}: unexpected tensor for this config ({len(unused)} in all)")
+    return jax.tree.map(jnp.asarray, params)
+
+
+def save_params(path: str | os.PathLike, params: Params) -> None:
+    """Writes params with orbax (an absolute directory that must not exist yet)."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.abspath(path), params)
+
+
+def restore_params(path: str | os.PathLike, config: ModelConfig) -> Params:
+    """Reads params saved by `save_params`, checked against the shapes and dtype `config` implies."""
+    import orbax.checkpoint as ocp
+
+    from neo_jax.models.llama import init_params
+
+    abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    with ocp.StandardCheckpointer() as checkpointer:
+        try:
+            return checkpointer.restore(os.path.abspath(path), abstract)
+        except (ValueError, KeyError) as error:
+            raise CheckpointError(f"{path}: orbax checkpoint does not match the config: {error}") from error
+

@@ -1,0 +1,84 @@
+"""Our Flax Llama against transformers' LlamaForCausalLM on tiny random checkpoints."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from neo_jax.models import llama
+from neo_jax.models.loading import load_hf_checkpoint
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+CASES = {
+    "mha": dict(num_key_value_heads=4),
+    "gqa": dict(num_key_value_heads=2),
+    "gqa_ratio_4_head_dim": dict(num_attention_heads=8, num_key_value_heads=2, head_dim=32),
+    "llama3_rope": dict(rope_scaling=LLAMA3_ROPE, rope_theta=500000.0),
+    "tied": dict(tie_word_embeddings=True),
+    "sharded": dict(max_shard_size="100KB"),
+}
+
+
+def hf_logits(model: torch.nn.Module, token_ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(token_ids)).logits.float().numpy()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_forward_matches_transformers(tiny_llama, case: str) -> None:
+    path, model = tiny_llama(**CASES[case])
+    config, params = load_hf_checkpoint(path)
+    token_ids = np.random.default_rng(0).integers(0, config.vocab_size, (2, 150))
+    logits = np.asarray(llama.forward(params, config, jnp.asarray(token_ids)))
+    np.testing.assert_allclose(logits, hf_logits(model, token_ids), atol=1e-4, rtol=0)
+
+
+def test_sharded_checkpoint_really_is_sharded(tiny_llama) -> None:
+    path, _ = tiny_llama(max_shard_size="100KB")
+    assert (path / "model.safetensors.index.json").exists()
+    assert len(list(path.glob("*.safetensors"))) > 1
+
+
+def test_bf16_checkpoint_loads_into_fp32(tiny_llama) -> None:
+    path, model = tiny_llama(dtype=torch.bfloat16)
+    config, params = load_hf_checkpoint(path, dtype="float32")
+    assert config.dtype == "float32" and params["embed"].dtype == jnp.float32
+    token_ids = np.random.default_rng(1).integers(0, config.vocab_size, (1, 64))
+    logits = np.asarray(llama.forward(params, config, jnp.asarray(token_ids)))
+    np.testing.assert_allclose(logits, hf_logits(model.float(), token_ids), atol=1e-4, rtol=0)
+
+
+def test_layer_split_equals_full_forward(tiny_llama) -> None:
+    path, _ = tiny_llama(num_key_value_heads=2)
+    config, params = load_hf_checkpoint(path)
+    seq = 40
+    token_ids = jnp.asarray(np.random.default_rng(2).integers(0, config.vocab_size, (1, seq)))
+    positions = jnp.arange(seq, dtype=jnp.int32)
+    hidden = llama.embed_tokens(params, config, token_ids[0])
+    for i in range(config.num_layers):
+        layer = llama.layer_params(params, i)
+        q, k, v = llama.pre_attention(layer, config, hidden, positions)
+        attn = llama.causal_attention(q[None], k[None], v[None])[0]
+        hidden = llama.post_attention(layer, config, hidden, attn)
+    split = llama.final_logits(params, config, hidden)
+    np.testing.assert_allclose(np.asarray(split), np.asarray(llama.forward(params, config, token_ids)[0]),
+                               atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_init_params_shapes_and_dtype(dtype: str) -> None:
+    from neo_jax.models import PRESETS
+
+    config = PRESETS["tiny"].with_dtype(dtype)
+    params = llama.init_params(config, jax.random.key(0))
+    assert params["layers"]["wq"].shape == (config.num_layers, config.hidden_size, config.num_heads * config.head_dim)
+    assert params["layers"]["wk"].shape == (config.num_layers, config.hidden_size,
+                                            config.num_kv_heads * config.head_dim)
+    assert all(leaf.dtype == jnp.dtype(dtype) for leaf in jax.tree.leaves(params))
+    logits = llama.forward(params, config, jnp.zeros((1, 8), jnp.int32))
+    assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())

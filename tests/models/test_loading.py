@@ -1,0 +1,115 @@
+"""Checkpoint loading errors name what is wrong; orbax round trips bit-exactly."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from neo_jax.models import PRESETS, ModelConfig, get_config, llama
+from neo_jax.models.loading import CheckpointError, load_hf_checkpoint, restore_params, save_params
+
+
+def rewrite_tensors(path: pathlib.Path, edit) -> None:
+    file = path / "model.safetensors"
+    tensors = dict(safetensors.numpy.load_file(file))
+    edit(tensors)
+    safetensors.numpy.save_file(tensors, file)
+
+
+def edit_config(path: pathlib.Path, **fields) -> None:
+    config = json.loads((path / "config.json").read_text())
+    config.update(fields)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_missing_tensor_is_named(tiny_llama) -> None:
+    path, _ = tiny_llama()
+    rewrite_tensors(path, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight: tensor missing"):
+        load_hf_checkpoint(path)
+
+
+def test_unexpected_tensor_is_named(tiny_llama) -> None:
+    path, _ = tiny_llama()
+    rewrite_tensors(path, lambda t: t.update({"model.layers.0.extra.weight": np.zeros(3, np.float32)}))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.extra\.weight: unexpected tensor"):
+        load_hf_checkpoint(path)
+
+
+def test_shape_mismatch_is_named(tiny_llama) -> None:
+    path, _ = tiny_llama()
+    rewrite_tensors(path, lambda t: t.update({"model.norm.weight": np.ones(63, np.float32)}))
+    with pytest.raises(CheckpointError, match=r"model\.norm\.weight: shape \(63,\)"):
+        load_hf_checkpoint(path)
+
+
+def test_non_float_dtype_is_named(tiny_llama) -> None:
+    path, _ = tiny_llama()
+    rewrite_tensors(path, lambda t: t.update({"model.norm.weight": np.ones(64, np.int32)}))
+    with pytest.raises(CheckpointError, match=r"model\.norm\.weight: dtype int32"):
+        load_hf_checkpoint(path)
+
+
+def test_missing_shard_is_named(tiny_llama) -> None:
+    path, _ = tiny_llama(max_shard_size="100KB")
+    next(path.glob("model-0000*.safetensors")).unlink()
+    with pytest.raises(CheckpointError, match=r"model-0000\d-of-0000\d\.safetensors: shard .* missing"):
+        load_hf_checkpoint(path)
+
+
+def test_directory_without_weights(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 8, "hidden_size": 8,
+                                                      "intermediate_size": 8, "num_hidden_layers": 1,
+                                                      "num_attention_heads": 2}))
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_hf_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("model_type", "mistral", "model_type: 'mistral' is not supported"),
+    ("hidden_act", "gelu", "hidden_act: 'gelu' is not supported"),
+    ("attention_bias", True, "attention_bias: biases are not supported"),
+    ("num_key_value_heads", 3, "num_kv_heads: 3 does not divide num_heads 4"),
+    ("rope_parameters", {"rope_type": "yarn", "factor": 2.0}, "rope_scaling.rope_type: 'yarn' is not supported"),
+])
+def test_unsupported_config_field_is_named(tiny_llama, field: str, value, message: str) -> None:
+    path, _ = tiny_llama()
+    edit_config(path, **{field: value})
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_hf_checkpoint(path)
+
+
+def test_get_config_rejects_unknown_names() -> None:
+    with pytest.raises(ValueError, match="neither a preset"):
+        get_config("no-such-model")
+    assert get_config("llama-3-8b") is PRESETS["llama-3-8b"]
+
+
+def test_presets_have_the_published_sizes() -> None:
+    assert abs(PRESETS["llama-3-8b"].num_params / 1e9 - 8.03) < 0.01
+    assert abs(PRESETS["llama-2-7b"].num_params / 1e9 - 6.74) < 0.01
+    assert abs(PRESETS["llama-3.1-70b"].num_params / 1e9 - 70.55) < 0.01
+    assert 30 < PRESETS["llama-34b"].num_params / 1e9 < 36
+
+
+def test_orbax_round_trip_is_bit_exact(tmp_path: pathlib.Path) -> None:
+    config = PRESETS["tiny"].with_dtype("bfloat16")
+    params = llama.init_params(config, jax.random.key(3))
+    save_params(tmp_path / "ckpt", params)
+    restored = restore_params(tmp_path / "ckpt", config)
+    for original, loaded in zip(jax.tree.leaves(params), jax.tree.leaves(restored), strict=True):
+        assert original.dtype == loaded.dtype
+        np.testing.assert_array_equal(np.asarray(original).view(np.uint16), np.asarray(loaded).view(np.uint16))
+
+
+def test_orbax_restore_against_a_different_config_fails(tmp_path: pathlib.Path) -> None:
+    config = PRESETS["tiny"]
+    save_params(tmp_path / "ckpt", llama.init_params(config, jax.random.key(0)))
+    other = ModelConfig(**{**config.__dict__, "hidden_size": 64})
+    with pytest.raises(CheckpointError, match="does not match the config"):
+        restore_params(tmp_path / "ckpt", other)
