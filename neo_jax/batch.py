@@ -1,0 +1,125 @@
+"""The per-step batch description (`StepBatch`) and its packing from scheduled chunks into bucketed arrays.
+
+Tokens are flattened across requests: the decode rows first (one token each, read through their block tables
+by the paged decode kernel), then the prefill chunks back to back (attending to a gathered list of their
+context slots). Every dimension is padded to a bucket of `StepBuckets`, so few distinct shapes ever reach jit.
+Padding writes go to the scratch block 0, padded block-table entries point at it, padded decode rows get a
+context of 1, and padded prefill tokens and context entries carry request ids that match nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+
+from neo_jax.config import StepBuckets, bucket
+from neo_jax.sequence import Request
+
+PAD_QUERY_REQUEST = -1
+PAD_CONTEXT_REQUEST = -2
+
+
+@dataclasses.dataclass
+class ScheduledChunk:
+    """Tokens [start, start + num_tokens) of a request, computed this step."""
+
+    request: Request
+    num_tokens: int
+
+    @property
+    def start(self) -> int:
+        return self.request.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the request's last token, so the step samples the next one."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@functools.partial(jax.tree_util.register_dataclass, meta_fields=[], data_fields=[
+    "token_ids", "positions", "slot_mapping", "decode_block_tables", "decode_context_lens",
+    "prefill_request_ids", "context_slots", "context_request_ids", "context_positions", "sample_indices"])
+@dataclasses.dataclass
+class StepBatch:
+    """One step's tokens; B decode rows, P prefill tokens (T = B + P), M table width, S context, R samples."""
+
+    token_ids: jax.Array            # int32[T]
+    positions: jax.Array            # int32[T]
+    slot_mapping: jax.Array         # int32[T] block * block_size + offset of each token's KV in the pool
+    decode_block_tables: jax.Array  # int32[B, M]
+    decode_context_lens: jax.Array  # int32[B] tokens each decode row attends to (its own included)
+    prefill_request_ids: jax.Array  # int32[P] which prefill of the step each prefill token belongs to
+    context_slots: jax.Array        # int32[S] slots of every context token of the step's prefills
+    context_request_ids: jax.Array  # int32[S]
+    context_positions: jax.Array    # int32[S]
+    sample_indices: jax.Array       # int32[R] flat token index of each row whose next token is sampled
+
+    @property
+    def num_decodes(self) -> int:
+        return self.decode_context_lens.shape[0]
+
+
+def token_at(request: Request, index: int) -> int:
+    num_prompt = len(request.prompt_token_ids)
+    return request.prompt_token_ids[index] if index < num_prompt else request.output_token_ids[index - num_prompt]
+
+
+def slots_of(block_table: list[int], positions: np.ndarray, block_size: int) -> np.ndarray:
+    return np.asarray(block_table, np.int32)[positions // block_size] * block_size + positions % block_size
+
+
+def pack_step(chunks: list[ScheduledChunk], block_size: int, buckets: StepBuckets) -> tuple[StepBatch, list[int]]:
+    """The padded batch of a step, and the positions in `chunks` of the rows it samples (in row order)."""
+    decodes = [c for c in chunks if c.num_tokens == 1]
+    prefills = [c for c in chunks if c.num_tokens > 1]
+    num_decode_rows = bucket(len(decodes), buckets.num_seqs)
+    num_prefill_tokens = bucket(sum(c.num_tokens for c in prefills), buckets.num_tokens)
+    num_context = bucket(sum(c.start + c.num_tokens for c in prefills), buckets.num_context)
+    table_width = bucket(max((len(c.request.block_table) for c in decodes), default=0), buckets.num_blocks)
+    num_tokens = num_decode_rows + num_prefill_tokens
+
+    token_ids = np.zeros(num_tokens, np.int32)
+    positions = np.zeros(num_tokens, np.int32)
+    slot_mapping = np.zeros(num_tokens, np.int32)
+    block_tables = np.zeros((num_decode_rows, table_width), np.int32)
+    context_lens = np.ones(num_decode_rows, np.int32)
+    for row, chunk in enumerate(decodes):
+        table = chunk.request.block_table
+        token_ids[row] = token_at(chunk.request, chunk.start)
+        positions[row] = chunk.start
+        slot_mapping[row] = table[chunk.start // block_size] * block_size + chunk.start % block_size
+        block_tables[row, :len(table)] = table
+        context_lens[row] = chunk.start + 1
+
+    prefill_request_ids = np.full(num_prefill_tokens, PAD_QUERY_REQUEST, np.int32)
+    context_slots = np.zeros(num_context, np.int32)
+    context_request_ids = np.full(num_context, PAD_CONTEXT_REQUEST, np.int32)
+    context_positions = np.zeros(num_context, np.int32)
+    token_offset, context_offset = num_decode_rows, 0
+    last_token_index = {id(c): row for row, c in enumerate(decodes)}
+    for index, chunk in enumerate(prefills):
+        request, end = chunk.request, chunk.start + chunk.num_tokens
+        chunk_slice = slice(token_offset, token_offset + chunk.num_tokens)
+        token_ids[chunk_slice] = request.all_token_ids[chunk.start:end]
+        positions[chunk_slice] = np.arange(chunk.start, end)
+        slot_mapping[chunk_slice] = slots_of(request.block_table, positions[chunk_slice], block_size)
+        prefill_request_ids[chunk_slice.start - num_decode_rows:chunk_slice.stop - num_decode_rows] = index
+        context_slice = slice(context_offset, context_offset + end)
+        context_slots[context_slice] = slots_of(request.block_table, np.arange(end), block_size)
+        context_request_ids[context_slice] = index
+        context_positions[context_slice] = np.arange(end)
+        token_offset, context_offset = chunk_slice.stop, context_slice.stop
+        last_token_index[id(chunk)] = chunk_slice.stop - 1
+
+    sampled = [i for i, c in enumerate(chunks) if c.samples]
+    sample_indices = np.zeros(bucket(len(sampled), buckets.num_seqs), np.int32)
+    sample_indices[:len(sampled)] = [last_token_index[id(chunks[i])] for i in sampled]
+    batch = StepBatch(token_ids=token_ids, positions=positions, slot_mapping=slot_mapping,
+                      decode_block_tables=block_tables, decode_context_lens=context_lens,
+                      prefill_request_ids=prefill_request_ids, context_slots=context_slots,
+                      context_request_ids=context_request_ids, context_positions=context_positions,
+                      sample_indices=sample_indices)
+    return batch, sampled

@@ -1,0 +1,103 @@
+"""Engine settings (`EngineConfig`) and the static shape buckets of the jitted step that follow from them."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from neo_jax.models.config import SUPPORTED_DTYPES, ModelConfig
+
+POLICIES = ("gpu-only",)
+MIN_TOKEN_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How the engine serves one model.
+
+    KV budget on the GPU, in order of precedence: `num_gpu_blocks` (tests), else the blocks that fit in
+    `gpu_memory_utilization` of the memory JAX may use (its allocator's limit, which already reflects
+    XLA_PYTHON_CLIENT_MEM_FRACTION) minus what is in use and an activation reserve, capped by
+    `gpu_kv_cache_gb` (GiB, lets benchmarks emulate a smaller GPU). Never more blocks than `max_num_seqs`
+    requests of `max_model_len` tokens can fill.
+    """
+
+    model: str
+    dtype: str | None = None
+    max_model_len: int | None = None
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    gpu_kv_cache_gb: float | None = None
+    num_gpu_blocks: int | None = None
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    policy: str = "gpu-only"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"dtype: {self.dtype!r} is not one of {SUPPORTED_DTYPES}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy: {self.policy!r} is not available; choose one of {POLICIES}")
+        positive = ("block_size", "max_num_batched_tokens", "max_num_seqs")
+        for field in positive + ("max_model_len", "num_gpu_blocks"):
+            value = getattr(self, field)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"{field}: must be a positive integer, got {value!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.gpu_kv_cache_gb is not None and self.gpu_kv_cache_gb <= 0:
+            raise ValueError(f"gpu_kv_cache_gb: must be positive, got {self.gpu_kv_cache_gb}")
+        if self.num_gpu_blocks is not None and self.num_gpu_blocks < 2:
+            raise ValueError(f"num_gpu_blocks: must be >= 2 (block 0 is scratch), got {self.num_gpu_blocks}")
+        if self.max_num_batched_tokens < MIN_TOKEN_BUCKET:
+            raise ValueError(f"max_num_batched_tokens: must be >= {MIN_TOKEN_BUCKET}, got {self.max_num_batched_tokens}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed: must be in [0, 2**32), got {self.seed}")
+
+    def resolved_max_model_len(self, model_config: ModelConfig) -> int:
+        if self.max_model_len is None:
+            return model_config.max_position_embeddings
+        if self.max_model_len > model_config.max_position_embeddings:
+            raise ValueError(f"max_model_len: {self.max_model_len} exceeds the model's max_position_embeddings "
+                             f"{model_config.max_position_embeddings}")
+        return self.max_model_len
+
+
+def powers_of_two(smallest: int, largest: int) -> tuple[int, ...]:
+    """smallest, 2*smallest, ... up to the first value >= largest, which is replaced by `largest`."""
+    sizes = [smallest]
+    while sizes[-1] < largest:
+        sizes.append(sizes[-1] * 2)
+    sizes[-1] = max(largest, smallest)
+    return tuple(sizes)
+
+
+def bucket(size: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket that holds `size`; 0 stays 0 (that part of the step is absent)."""
+    if size == 0:
+        return 0
+    for candidate in buckets:
+        if candidate >= size:
+            return candidate
+    raise ValueError(f"size {size} exceeds the largest bucket {buckets[-1]}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepBuckets:
+    """Padded sizes the step compiles for; each step rounds every dimension up to one of these."""
+
+    num_seqs: tuple[int, ...]      # decode rows, sampled rows
+    num_tokens: tuple[int, ...]    # prefill tokens of a step
+    num_blocks: tuple[int, ...]    # block-table width of the decode rows
+    num_context: tuple[int, ...]   # context tokens (cached prefix + chunk) of the step's prefills
+
+    @classmethod
+    def for_engine(cls, config: EngineConfig, max_model_len: int) -> StepBuckets:
+        max_blocks = -(-max_model_len // config.block_size)
+        max_prefills = min(config.max_num_seqs, config.max_num_batched_tokens)
+        return cls(
+            num_seqs=powers_of_two(1, config.max_num_seqs),
+            num_tokens=powers_of_two(MIN_TOKEN_BUCKET, config.max_num_batched_tokens),
+            num_blocks=powers_of_two(1, max_blocks),
+            num_context=powers_of_two(MIN_TOKEN_BUCKET, max_prefills * max_model_len),
+        )

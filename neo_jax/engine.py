@@ -1,0 +1,109 @@
+"""The engine loop: load a model, take requests, and step the scheduler and the model runner."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from neo_jax.block_manager import BlockPool, blocks_for
+from neo_jax.config import EngineConfig
+from neo_jax.kv_cache import num_gpu_blocks
+from neo_jax.model_runner import ModelRunner
+from neo_jax.models import llama, loading
+from neo_jax.models.config import ModelConfig, get_config
+from neo_jax.sampling_params import SamplingParams
+from neo_jax.scheduler import Scheduler
+from neo_jax.sequence import Request
+from neo_jax.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def load_model(model: str, dtype: str | None, seed: int) -> tuple[ModelConfig, llama.Params]:
+    """An HF checkpoint directory's config and weights, or a preset with random weights drawn from `seed`."""
+    if os.path.isdir(model):
+        return loading.load_hf_checkpoint(model, dtype)
+    config = get_config(model)
+    if dtype is not None:
+        config = config.with_dtype(dtype)
+    return config, llama.init_params(config, jax.random.key(seed))
+
+
+class LLMEngine:
+    """Requests in, finished requests out, one `step()` at a time."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_config, params = load_model(config.model, config.dtype, config.seed)
+        self.tokenizer = load_tokenizer(config.model, self.model_config)
+        self.max_model_len = config.resolved_max_model_len(self.model_config)
+        num_blocks = num_gpu_blocks(self.model_config, config, self.max_model_len)
+        blocks_per_request = blocks_for(self.max_model_len, config.block_size)
+        if num_blocks - 1 < blocks_per_request:
+            raise ValueError(f"max_model_len: one request of {self.max_model_len} tokens needs {blocks_per_request} "
+                             f"KV blocks but the GPU pool has {num_blocks - 1}; lower max_model_len or raise the "
+                             "KV budget")
+        self.pool = BlockPool("gpu", num_blocks, config.block_size)
+        self.scheduler = Scheduler(config, self.pool)
+        self.runner = ModelRunner(self.model_config, params, config, num_blocks, self.max_model_len)
+        self._seed_generator = np.random.default_rng(config.seed)
+        self._next_request_id = 0
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.model_config.eos_token_ids
+
+    def new_request_id(self) -> int:
+        self._next_request_id += 1
+        return self._next_request_id - 1
+
+    def prompt_error(self, prompt_token_ids: Sequence[int]) -> str | None:
+        """Why this prompt cannot be served, or None."""
+        if len(prompt_token_ids) == 0:
+            return "prompt_token_ids: the prompt is empty"
+        if len(prompt_token_ids) > self.max_model_len:
+            return (f"prompt_token_ids: the prompt has {len(prompt_token_ids)} tokens, more than "
+                    f"max_model_len={self.max_model_len}")
+        vocab_size = self.model_config.vocab_size
+        for token in prompt_token_ids:
+            if not isinstance(token, (int, np.integer)) or isinstance(token, bool) or not 0 <= token < vocab_size:
+                return f"prompt_token_ids: {token!r} is not a token id in [0, {vocab_size})"
+        return None
+
+    def add_request(self, prompt_token_ids: Sequence[int], sampling_params: SamplingParams,
+                    seed: int | None = None) -> Request:
+        """Queues a request; `seed` overrides sampling_params.seed. Raises ValueError for a bad prompt."""
+        error = self.prompt_error(prompt_token_ids)
+        if error is not None:
+            raise ValueError(error)
+        if seed is None:
+            seed = sampling_params.seed
+        if seed is None:
+            seed = int(self._seed_generator.integers(2**32))
+        request = Request(self.new_request_id(), [int(t) for t in prompt_token_ids], sampling_params, seed)
+        self.scheduler.add(request)
+        return request
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[Request]:
+        """Schedules and runs one step; returns the requests that finished in it."""
+        chunks = self.scheduler.schedule()
+        sampled = self.runner.execute(chunks, self.eos_token_ids)
+        finished = []
+        for index, chunk in enumerate(chunks):
+            request = chunk.request
+            request.num_computed_tokens += chunk.num_tokens
+            if index not in sampled:
+                continue
+            request.output_token_ids.append(sampled[index])
+            reason = request.stop_reason(self.eos_token_ids, self.max_model_len)
+            if reason is not None:
+                self.scheduler.finish(request, reason)
+                finished.append(request)
+        return finished

@@ -1,0 +1,57 @@
+"""One engine step as a pure function: embed, a `lax.scan` over layers, final logits, sampling.
+
+Per layer the scan body calls the model's `pre_attention`, writes the new K/V into the cache, runs attention
+(paged decode for the decode rows, gathered-context prefill attention for the prefill tokens) and calls
+`post_attention`. The cache travels in the scan carry with one block axis for all layers (see attention.py),
+so the scatter of new K/V updates the donated buffer in place.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from neo_jax.attention import decode_attention, prefill_attention, write_kv
+from neo_jax.batch import StepBatch
+from neo_jax.kv_cache import KVCache
+from neo_jax.models import llama
+from neo_jax.models.config import ModelConfig
+from neo_jax.sampler import SamplingBatch, sample
+
+
+def layer_attention(q: jax.Array, k_blocks: jax.Array, v_blocks: jax.Array, batch: StepBatch,
+                    block_offset: jax.Array) -> jax.Array:
+    """Attention of all the step's tokens q [T, Hq, Dh] (decode rows first) -> [T, Hq, Dh]."""
+    num_decodes = batch.num_decodes
+    parts = []
+    if num_decodes:
+        parts.append(decode_attention(q[:num_decodes], k_blocks, v_blocks, batch, block_offset))
+    if q.shape[0] > num_decodes:
+        parts.append(prefill_attention(q[num_decodes:], k_blocks, v_blocks, batch, block_offset))
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+
+def model_step(params: llama.Params, kv_cache: KVCache, batch: StepBatch, sampling: SamplingBatch,
+               config: ModelConfig) -> tuple[KVCache, jax.Array]:
+    """Runs the batch through the model, updating the cache; returns it and the sampled tokens int32[R]."""
+    num_layers, num_blocks = kv_cache.k.shape[:2]
+    cache_shape = kv_cache.k.shape
+    k_blocks = kv_cache.k.reshape(num_layers * num_blocks, *cache_shape[2:])
+    v_blocks = kv_cache.v.reshape(num_layers * num_blocks, *cache_shape[2:])
+    hidden = llama.embed_tokens(params, config, batch.token_ids)
+
+    def layer(carry: tuple[jax.Array, jax.Array, jax.Array], layer_inputs: tuple[llama.Params, jax.Array]):
+        hidden, k_blocks, v_blocks = carry
+        layer_params, layer_index = layer_inputs
+        block_offset = layer_index * num_blocks
+        q, k, v = llama.pre_attention(layer_params, config, hidden, batch.positions)
+        k_blocks, v_blocks = write_kv(k_blocks, v_blocks, k, v, batch.slot_mapping, block_offset)
+        attn = layer_attention(q, k_blocks, v_blocks, batch, block_offset)
+        return (llama.post_attention(layer_params, config, hidden, attn), k_blocks, v_blocks), None
+
+    layer_indices = jnp.arange(num_layers, dtype=jnp.int32)
+    (hidden, k_blocks, v_blocks), _ = jax.lax.scan(layer, (hidden, k_blocks, v_blocks),
+                                                   (params["layers"], layer_indices))
+    logits = llama.final_logits(params, config, hidden[batch.sample_indices])
+    tokens = sample(logits, sampling)
+    return KVCache(k=k_blocks.reshape(cache_shape), v=v_blocks.reshape(cache_shape)), tokens
