@@ -54,11 +54,12 @@ class DecodeView:
 
 @dataclasses.dataclass(slots=True)
 class PrefillView:
-    """A waiting request that would compute `num_tokens` prompt tokens this step."""
+    """A request with prompt tokens left to compute. When the step's token budget runs short, the
+    last prefill admitted gets a shorter chunk (`StepPlan.prefill_num_tokens`)."""
 
     request_id: int
-    num_tokens: int          # tokens of this step's chunk
-    context_len: int         # KV tokens after the chunk
+    num_tokens: int          # prompt tokens it would compute this step (all it has left, or a cap)
+    context_len: int         # KV tokens after those
     arrival: int             # arrival order; smaller is earlier
     pool: str | None = None  # pool holding its earlier chunks' KV; None before its first chunk
 
@@ -112,6 +113,7 @@ class StepPlan:
     swap_out_ids: list[int] = dataclasses.field(default_factory=list)      # GPU -> host, before the step
     swap_in_ids: list[int] = dataclasses.field(default_factory=list)       # host -> GPU, before the step
     preempt_ids: list[int] = dataclasses.field(default_factory=list)       # KV freed: no pool has room
+    prefill_num_tokens: dict[int, int] = dataclasses.field(default_factory=dict)  # chunk granted per prefill
     batch0_gpu_decode_ids: list[int] = dataclasses.field(default_factory=list)
     batch0_cpu_decode_ids: list[int] = dataclasses.field(default_factory=list)
     batch1_cpu_decode_ids: list[int] = dataclasses.field(default_factory=list)
@@ -284,9 +286,11 @@ class _Admission:
         admitted: list[_Prefill] = []
         host_taken = False
         for view in sorted(waiting, key=_by_arrival):
-            if self.seqs_left < 1 or self.tokens_left < view.num_tokens:
+            num_tokens = min(view.num_tokens, self.tokens_left)
+            if self.seqs_left < 1 or num_tokens < 1:
                 break
-            need = self.blocks(view.context_len) - self.blocks(view.context_len - view.num_tokens)
+            start = view.context_len - view.num_tokens
+            need = self.blocks(start + num_tokens) - self.blocks(start)
             fits_gpu = use_gpu and need <= self.gpu_free and not host_taken
             pool = view.pool or (GPU if fits_gpu else CPU)
             if pool == GPU and need <= self.gpu_free:
@@ -297,9 +301,9 @@ class _Admission:
             else:
                 break
             self.seqs_left -= 1
-            self.tokens_left -= view.num_tokens
-            seconds = self.cost.prefill_attention_time(view.num_tokens, view.context_len)
-            admitted.append(_Prefill(view.request_id, view.num_tokens, pool, seconds))
+            self.tokens_left -= num_tokens
+            seconds = self.cost.prefill_attention_time(num_tokens, start + num_tokens)
+            admitted.append(_Prefill(view.request_id, num_tokens, pool, seconds))
         return admitted
 
     def swap_out(self, decode: DecodeView) -> bool:
@@ -324,6 +328,7 @@ class _Admission:
 def _fill(plan: StepPlan, batch0: _Batch, batch1: _Batch) -> StepPlan:
     plan.prefill_ids_gpu = [p.request_id for p in batch0.prefills if p.pool == GPU]
     plan.prefill_ids_cpu = [p.request_id for p in batch0.prefills if p.pool == CPU]
+    plan.prefill_num_tokens = {p.request_id: p.num_tokens for p in batch0.prefills}
     plan.batch0_gpu_decode_ids = batch0.gpu_decode_ids
     plan.batch0_cpu_decode_ids = batch0.cpu_decode_ids
     plan.batch1_cpu_decode_ids = batch1.cpu_decode_ids
@@ -451,8 +456,7 @@ def _plan_neo(waiting: Sequence[PrefillView], decodes: Sequence[DecodeView], sta
     return _fill(plan, gpu_only, _Batch(cost))
 
 
-def _check_requests(policy: str, waiting: Sequence[PrefillView], decodes: Sequence[DecodeView],
-                    budget: StepBudget) -> None:
+def _check_requests(policy: str, waiting: Sequence[PrefillView], decodes: Sequence[DecodeView]) -> None:
     views = (*waiting, *decodes)
     if len({v.request_id for v in views}) != len(views):
         seen: set[int] = set()
@@ -461,10 +465,6 @@ def _check_requests(policy: str, waiting: Sequence[PrefillView], decodes: Sequen
     if policy == "gpu-only" and any(v.pool == CPU for v in views):
         culprit = next(v.request_id for v in views if v.pool == CPU)
         raise ValueError(f"request {culprit!r}: pool 'cpu' is not used by policy 'gpu-only'")
-    for view in waiting:
-        if view.num_tokens > budget.max_num_tokens:
-            raise ValueError(f"waiting: request {view.request_id!r} has num_tokens {view.num_tokens} over "
-                             f"budget.max_num_tokens {budget.max_num_tokens}; chunk it")
 
 
 def plan_step(policy: str, waiting: Sequence[PrefillView], running_decodes: Sequence[DecodeView],
@@ -476,7 +476,7 @@ def plan_step(policy: str, waiting: Sequence[PrefillView], running_decodes: Sequ
         raise ValueError(f"policy: {policy!r} is not one of {POLICIES}")
     if not 0.0 < swap_in_watermark <= 1.0:
         raise ValueError(f"swap_in_watermark: must be in (0, 1], got {swap_in_watermark}")
-    _check_requests(policy, waiting, running_decodes, budget)
+    _check_requests(policy, waiting, running_decodes)
     state = _Admission(pools, budget, cost_model)
     if policy == "gpu-only":
         return _plan_gpu_only(waiting, running_decodes, state, cost_model)

@@ -72,16 +72,25 @@ def test_a_chunk_stays_in_the_pool_of_its_earlier_chunks():
     assert result.prefill_ids_cpu == [0, 1] and result.prefill_ids_gpu == []
 
 
-@pytest.mark.parametrize("budget, admitted", [
-    (StepBudget(max_num_tokens=2 + 80, max_num_seqs=100), [10, 11]),   # two decodes + two 40-token chunks
-    (StepBudget(max_num_tokens=10_000, max_num_seqs=3), [10]),
+@pytest.mark.parametrize("budget, granted", [
+    (StepBudget(max_num_tokens=2 + 80, max_num_seqs=100), {10: 40, 11: 40}),   # two decodes + two prompts
+    (StepBudget(max_num_tokens=2 + 90, max_num_seqs=100), {10: 40, 11: 40, 12: 10}),   # + a 10-token chunk
+    (StepBudget(max_num_tokens=10_000, max_num_seqs=3), {10: 40}),
 ])
-def test_budgets_cap_the_step(budget, admitted):
+def test_budgets_cap_the_step(budget, granted):
     running = [decode(0, 10, "gpu"), decode(1, 10, "gpu")]
     waiting = [prefill(10 + i, 40) for i in range(3)]
     for policy in ("neo", "gpu-only"):
         result = plan(policy, waiting, running, budget=budget)
-        assert result.prefill_ids_gpu == admitted and result.batch0_gpu_decode_ids == [0, 1]
+        assert result.prefill_ids_gpu == list(granted) and result.prefill_num_tokens == granted
+        assert result.batch0_gpu_decode_ids == [0, 1]
+
+
+def test_a_long_prompt_is_chunked_to_the_budget_and_takes_blocks_for_the_chunk():
+    waiting = [PrefillView(0, 1000, 1016, 0, pool="gpu")]   # 16 tokens (one block) already computed
+    result = plan(waiting=waiting, budget=StepBudget(max_num_tokens=64, max_num_seqs=8), pool_state=pools(gpu_free=4))
+    assert result.prefill_ids_gpu == [0] and result.prefill_num_tokens == {0: 64}
+    assert plan(waiting=waiting, budget=StepBudget(64, 8), pool_state=pools(gpu_free=3)).prefill_ids_gpu == []
 
 
 def test_gpu_overflow_swaps_out_the_newest_decodes():
@@ -259,7 +268,6 @@ def test_gpu_only_never_uses_the_host_pool():
     (lambda: plan("vllm"), "policy: 'vllm'"),
     (lambda: plan(swap_in_watermark=0.0), "swap_in_watermark"),
     (lambda: plan(waiting=[prefill(1, 4)], running=[decode(1, 4, "gpu")]), "request_id 1 appears more than once"),
-    (lambda: plan(waiting=[prefill(1, 400)], budget=StepBudget(300, 10)), "num_tokens 400 over budget.max_num_tokens"),
     (lambda: decode(0, 4, "disk"), "DecodeView.pool"),
     (lambda: decode(0, 0, "gpu"), "DecodeView.context_len"),
     (lambda: PrefillView(0, 8, 4, 0), "PrefillView.context_len"),
@@ -299,7 +307,9 @@ def test_plans_respect_budgets_pools_and_arrival_order(seed, policy):
     assert len(set(scheduled + result.preempt_ids)) == len(scheduled) + len(result.preempt_ids)
     assert not (result.swap_in_ids and result.swap_out_ids)
     assert len(scheduled) <= budget.max_num_seqs
-    assert sum(by_id[i].num_tokens for i in prefill_ids) + len(decode_ids) <= budget.max_num_tokens
+    assert set(result.prefill_num_tokens) == set(prefill_ids)
+    assert all(0 < result.prefill_num_tokens[i] <= by_id[i].num_tokens for i in prefill_ids)
+    assert sum(result.prefill_num_tokens.values()) + len(decode_ids) <= budget.max_num_tokens
     in_order = [v.request_id for v in sorted(waiting, key=lambda v: v.arrival)]
     assert sorted(prefill_ids, key=lambda i: by_id[i].arrival) == in_order[:len(prefill_ids)]
     if policy == "neo" and result.prefill_ids_cpu:
@@ -308,7 +318,7 @@ def test_plans_respect_budgets_pools_and_arrival_order(seed, policy):
 
     moved_to_gpu = set(result.swap_in_ids)
     gpu_used = sum(blocks(by_id[i].context_len) for i in result.batch0_gpu_decode_ids)
-    gpu_used += sum(blocks(by_id[i].context_len) for i in result.prefill_ids_gpu)
+    gpu_used += sum(blocks(result.prefill_num_tokens[i]) for i in result.prefill_ids_gpu)
     waiting_on_gpu = [d for d in running if d.pool == "gpu" and d.request_id not in result.batch0_gpu_decode_ids
                       and d.request_id not in result.swap_out_ids + result.preempt_ids]
     gpu_used += sum(blocks(d.context_len - 1) for d in waiting_on_gpu)
@@ -316,7 +326,7 @@ def test_plans_respect_budgets_pools_and_arrival_order(seed, policy):
     host_resident = [d for d in running if (d.pool == "cpu" and d.request_id not in moved_to_gpu | set(result.preempt_ids))
                      or d.request_id in result.swap_out_ids]
     host_used = sum(blocks(d.context_len) for d in host_resident)
-    host_used += sum(blocks(by_id[i].context_len) for i in result.prefill_ids_cpu)
+    host_used += sum(blocks(result.prefill_num_tokens[i]) for i in result.prefill_ids_cpu)
     assert host_used <= state.cpu_total_blocks
     if result.pipelined and result.gpu_only_rate > 0:
         assert result.pipelined_rate > result.gpu_only_rate
