@@ -31,7 +31,8 @@ def draw_scenario(rng: random.Random, num_running: int, host_share: float, num_w
                for i in range(num_running)]
     waiting = [PrefillView(num_running + i, n, n, num_running + i)
                for i, n in enumerate(rng.randint(32, 1024) for _ in range(num_waiting))]
-    held = {pool: sum(-(-(d.context_len - 1) // BLOCK_SIZE) for d in decodes if d.pool == pool) for pool in ("gpu", "cpu")}
+    held = {pool: sum(-(-(d.context_len - 1) // BLOCK_SIZE) for d in decodes if d.pool == pool)
+            for pool in ("gpu", "cpu")}
     gpu_free = rng.randint(0, 64)  # a nearly full GPU pool: swaps and host prefills happen
     pools = PoolState(BLOCK_SIZE, held["gpu"] + gpu_free, gpu_free, held["cpu"] + 100_000, 100_000)
     return waiting, decodes, pools

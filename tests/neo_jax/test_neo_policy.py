@@ -289,9 +289,11 @@ def blocks(tokens: int) -> int:
 def test_plans_respect_budgets_pools_and_arrival_order(seed, policy):
     rng = random.Random(seed)
     gpu_pool = "gpu" if policy == "gpu-only" else None
-    running = [decode(i, rng.randint(1, 3000), gpu_pool or rng.choice(["gpu", "cpu"]), arrival=rng.randint(0, 999))
+    arrivals = rng.sample(range(1000), 70)   # distinct, in no particular order
+    running = [decode(i, rng.randint(1, 3000), gpu_pool or rng.choice(["gpu", "cpu"]), arrival=arrivals[i])
                for i in range(rng.randint(0, 60))]
-    waiting = [prefill(1000 + i, rng.randint(1, 300), arrival=1000 + rng.randint(0, 999)) for i in range(rng.randint(0, 8))]
+    waiting = [prefill(1000 + i, rng.randint(1, 300), arrival=1000 + arrivals[60 + i])
+               for i in range(rng.randint(0, 8))]
     gpu_held = sum(blocks(d.context_len - 1) for d in running if d.pool == "gpu")
     cpu_held = sum(blocks(d.context_len - 1) for d in running if d.pool == "cpu")
     state = pools(gpu_free=rng.randint(0, 60), cpu_free=rng.randint(0, 400))
@@ -312,6 +314,9 @@ def test_plans_respect_budgets_pools_and_arrival_order(seed, policy):
     assert sum(result.prefill_num_tokens.values()) + len(decode_ids) <= budget.max_num_tokens
     in_order = [v.request_id for v in sorted(waiting, key=lambda v: v.arrival)]
     assert sorted(prefill_ids, key=lambda i: by_id[i].arrival) == in_order[:len(prefill_ids)]
+    gpu_resident = {d.request_id for d in running if d.pool == "gpu"}
+    if policy == "neo":   # a GPU decode runs, moves or is preempted; it never just waits
+        assert gpu_resident <= set(result.batch0_gpu_decode_ids + result.swap_out_ids + result.preempt_ids)
     if policy == "neo" and result.prefill_ids_cpu:
         first_host = min(by_id[i].arrival for i in result.prefill_ids_cpu)
         assert all(by_id[i].arrival < first_host for i in result.prefill_ids_gpu)
@@ -323,7 +328,8 @@ def test_plans_respect_budgets_pools_and_arrival_order(seed, policy):
                       and d.request_id not in result.swap_out_ids + result.preempt_ids]
     gpu_used += sum(blocks(d.context_len - 1) for d in waiting_on_gpu)
     assert gpu_used <= state.gpu_total_blocks
-    host_resident = [d for d in running if (d.pool == "cpu" and d.request_id not in moved_to_gpu | set(result.preempt_ids))
+    left_host = moved_to_gpu | set(result.preempt_ids)
+    host_resident = [d for d in running if (d.pool == "cpu" and d.request_id not in left_host)
                      or d.request_id in result.swap_out_ids]
     host_used = sum(blocks(d.context_len) for d in host_resident)
     host_used += sum(blocks(result.prefill_num_tokens[i]) for i in result.prefill_ids_cpu)
