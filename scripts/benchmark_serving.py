@@ -1,0 +1,83 @@
+"""Online serving, in process, vLLM's benchmark_serving metrics: Poisson arrivals at --request-rate.
+
+    python scripts/benchmark_serving.py --model llama-3-8b --dtype bfloat16 --num-prompts 500 \
+        --input-len 1000 --output-len 300 --request-rate 4 8 16 inf --policy neo --output-json out.json
+
+Requests join the engine when their arrival time has passed; every step's new tokens are time-stamped
+as soon as the step returns, which is when a server would stream them. Several rates make a sweep. Each
+rate is replayed once untimed first: arrivals mix prefills and decodes into step shapes that an offline
+warm-up never meets, and XLA compiles each shape once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from bench_common import add_engine_arguments, engine_from_args, machine_info, write_json
+from neo_jax.benchmark_metrics import RequestTrace, poisson_arrivals, random_lengths, random_prompts, summarize
+from neo_jax.engine import LLMEngine
+from neo_jax.sampling_params import SamplingParams
+
+
+def serve(engine: LLMEngine, prompts: list[list[int]], output_lens: list[int],
+          arrivals: np.ndarray) -> tuple[list[RequestTrace], float]:
+    """Replays the arrivals against the engine; each request's token times, and the run's duration."""
+    traces = [RequestTrace(arrival=float(a), prompt_len=len(p)) for a, p in zip(arrivals, prompts)]
+    live: dict[int, tuple[RequestTrace, object]] = {}
+    next_arrival = 0
+    start = time.perf_counter()
+    with tqdm(total=len(prompts), unit="req") as bar:
+        while next_arrival < len(prompts) or engine.has_unfinished_requests():
+            now = time.perf_counter() - start
+            while next_arrival < len(prompts) and arrivals[next_arrival] <= now:
+                params = SamplingParams(temperature=0.0, max_tokens=output_lens[next_arrival], ignore_eos=True)
+                request = engine.add_request(prompts[next_arrival], params)
+                live[request.request_id] = (traces[next_arrival], request)
+                next_arrival += 1
+            if not engine.has_unfinished_requests():
+                time.sleep(max(0.0, arrivals[next_arrival] - now))
+                continue
+            finished = engine.step()
+            stamp = time.perf_counter() - start
+            for trace, request in live.values():
+                trace.token_times.extend([stamp] * (len(request.output_token_ids) - trace.output_len))
+            for request in finished:
+                live.pop(request.request_id)
+            bar.update(len(finished))
+    return traces, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_arguments(parser)
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--range-ratio", type=float, default=0.0)
+    parser.add_argument("--request-rate", type=float, nargs="+", default=[float("inf")],
+                        help="requests per second; several values make a sweep; inf sends all at once")
+    args = parser.parse_args()
+
+    engine = engine_from_args(args)
+    rng = np.random.default_rng(args.seed)
+    input_lens = random_lengths(args.num_prompts, args.input_len, args.range_ratio, rng)
+    output_lens = random_lengths(args.num_prompts, args.output_len, args.range_ratio, rng)
+    prompts = random_prompts(input_lens, engine.model_config.vocab_size, rng)
+    runs = []
+    for rate in args.request_rate:
+        arrivals = poisson_arrivals(args.num_prompts, rate, np.random.default_rng(args.seed))
+        serve(engine, prompts, output_lens, arrivals)
+        traces, duration = serve(engine, prompts, output_lens, arrivals)
+        runs.append({"request_rate": rate, **summarize(traces, duration)})
+        print(f"rate {rate}: {runs[-1]['request_throughput']:.2f} req/s, "
+              f"p99 TPOT {runs[-1].get('p99_tpot_ms', float('nan')):.1f} ms")
+    write_json(args.output_json, {"benchmark": "serving", "machine": machine_info(), "args": vars(args),
+                                  "num_gpu_blocks": engine.pool.num_blocks, "runs": runs})
+
+
+if __name__ == "__main__":
+    main()
