@@ -1,0 +1,77 @@
+// A pool of pinned worker threads for the CPU attention op. The calling thread works too, so a pool
+// of N threads starts N-1 workers. Workers spin for a short while after each call (the op runs once
+// per layer, so the next call usually comes soon), then sleep on a condition variable. No OpenMP.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace neo {
+
+// Logical CPU ids this process may run on, one per physical core (the first sibling of each).
+std::vector<int> physical_core_cpus();
+
+class ThreadPool {
+ public:
+  // num_threads counts the caller; pin puts worker i on physical core i (the caller keeps core 0's
+  // slot, unpinned). spin_us: how long an idle worker polls before it sleeps.
+  ThreadPool(int num_threads, bool pin, int spin_us);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int num_threads() const { return num_threads_; }
+
+  // Runs task(i, worker) for every i in [0, num_tasks), handing tasks out one at a time to whichever
+  // thread is free; worker is in [0, num_threads()) and unique among the threads running at once
+  // (scratch memory can be indexed by it). Returns when all tasks are done and rethrows the first
+  // exception a task threw. Calls from several threads are serialized.
+  void parallel_for(int64_t num_tasks, const std::function<void(int64_t task, int worker)>& task);
+
+  // Joins the workers and starts num_threads - 1 new ones; waits for a running call to finish.
+  void resize(int num_threads);
+
+  // Joins the workers; later calls run on the calling thread alone. Idempotent.
+  void shutdown();
+
+ private:
+  struct Job {
+    const std::function<void(int64_t, int)>* task = nullptr;
+    int64_t num_tasks = 0;
+  };
+
+  void start_workers(int num_threads);
+  void stop_workers();
+  void worker_loop(int worker, int cpu);
+  // Takes and runs tasks of the call `epoch` until none is left.
+  void run_tasks(uint32_t epoch, const Job& job, int worker);
+  bool snapshot(uint32_t epoch, Job& job) const;
+
+  bool pin_;
+  int spin_us_;
+  int num_threads_ = 1;
+  std::mutex call_mutex_;  // one call (or resize) at a time
+  // High 32 bits: the epoch of the current call; low 32 bits: the next task index to hand out.
+  std::atomic<uint64_t> work_{0};
+  Job jobs_[2];  // the job of epoch e lives in jobs_[e & 1], written before work_ names e
+  std::atomic<int64_t> tasks_done_{0};
+  std::atomic<bool> stopping_{false};
+  std::atomic<int> sleepers_{0};
+  std::mutex sleep_mutex_;
+  std::condition_variable wake_;
+  std::mutex error_mutex_;
+  std::exception_ptr error_;
+  std::vector<std::thread> workers_;
+};
+
+// The process-wide pool: NEO_CPU_THREADS threads (default: the physical cores this process may use),
+// pinned, idle workers polling NEO_CPU_SPIN_US microseconds (default 200) before they sleep.
+ThreadPool& default_thread_pool();
+
+}  // namespace neo
