@@ -109,16 +109,31 @@ class DecoderLayer(nn.Module):
         return self.post_attention(hidden, causal_attention(q[None], k[None], v[None])[0])
 
 
+def _check_flat_tokens(name: str, array: jax.Array, rank: int) -> None:
+    if array.ndim != rank:
+        raise ValueError(f"{name}: expected {rank} dims with tokens flattened across requests, got shape {array.shape}")
+
+
 def pre_attention(layer_params: Params, config: ModelConfig, hidden: jax.Array,
                   positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Input norm, QKV projection, RoPE: hidden [T, D] -> q [T, Hq, Dh], k, v [T, Hkv, Dh]."""
+    """Input norm, QKV projection, RoPE: hidden [T, D], positions int32 [T] -> q [T, Hq, Dh], k, v [T, Hkv, Dh].
+
+    Tokens must be flattened across requests; extra leading batch dims are rejected.
+    """
+    _check_flat_tokens("hidden", hidden, 2)
+    _check_flat_tokens("positions", positions, 1)
     return DecoderLayer(config).apply({"params": layer_params}, hidden, positions,
                                       method=DecoderLayer.pre_attention)
 
 
 def post_attention(layer_params: Params, config: ModelConfig, hidden: jax.Array,
                    attn_out: jax.Array) -> jax.Array:
-    """Output projection, residual, norm, SiLU MLP, residual: the layer's input [T, D] and attention [T, Hq, Dh]."""
+    """Output projection, residual, norm, SiLU MLP, residual -> [T, D].
+
+    hidden [T, D] is the layer's input (the residual), attn_out [T, Hq, Dh]; tokens flattened as in pre_attention.
+    """
+    _check_flat_tokens("hidden", hidden, 2)
+    _check_flat_tokens("attn_out", attn_out, 3)
     return DecoderLayer(config).apply({"params": layer_params}, hidden, attn_out,
                                       method=DecoderLayer.post_attention)
 
@@ -136,6 +151,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 
 def embed_tokens(params: Params, config: ModelConfig, token_ids: jax.Array) -> jax.Array:
+    """Token ids int32 [T] -> hidden [T, D] in the params' dtype."""
     return jnp.take(params["embed"], token_ids, axis=0)
 
 
@@ -147,9 +163,11 @@ def final_logits(params: Params, config: ModelConfig, hidden: jax.Array) -> jax.
 
 
 def layer_params(params: Params, index: int) -> Params:
+    """Layer `index` of the stacked params["layers"] (engines usually lax.scan over them instead)."""
     return jax.tree.map(lambda leaf: leaf[index], params["layers"])
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def forward(params: Params, config: ModelConfig, token_ids: jax.Array) -> jax.Array:
     """Full causal forward over token_ids [B, S] at positions 0..S-1 -> float32 logits [B, S, V]."""
     batch, seq = token_ids.shape
@@ -168,17 +186,27 @@ def forward(params: Params, config: ModelConfig, token_ids: jax.Array) -> jax.Ar
 
 @functools.partial(jax.jit, static_argnums=0)
 def init_params(config: ModelConfig, key: jax.Array) -> Params:
-    """Random params made by one jitted program on the default device (seconds for an 8B model)."""
+    """Random params made by one jitted program on the default device (seconds for an 8B model).
+
+    The key only seeds XLA's RngBitGenerator ("rbg"), and layers are drawn one at a time by a scan: threefry
+    over stacked [L, ...] weights needs several times the model's size in temporaries (67 GB for Llama-3-8B),
+    this a few hundred MB. The values differ between backends for the same key.
+    """
     dtype = jnp.dtype(config.dtype)
-    embed_key, head_key, layers_key = jax.random.split(key, 3)
+    rbg_key = jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
+    embed_key, head_key, layers_key = jax.random.split(rbg_key, 3)
     dummy_hidden = jnp.zeros((1, config.hidden_size), dtype)
     dummy_positions = jnp.zeros((1,), jnp.int32)
-    init_layer = lambda k: DecoderLayer(config).init(k, dummy_hidden, dummy_positions)["params"]
+
+    def init_layer(carry: None, layer_key: jax.Array) -> tuple[None, Params]:
+        return None, DecoderLayer(config).init(layer_key, dummy_hidden, dummy_positions)["params"]
+
+    _, layers = jax.lax.scan(init_layer, None, jax.random.split(layers_key, config.num_layers))
     params: Params = {
-        "embed": (0.02 * jax.random.normal(embed_key, (config.vocab_size, config.hidden_size))).astype(dtype),
-        "layers": jax.vmap(init_layer)(jax.random.split(layers_key, config.num_layers)),
+        "embed": 0.02 * jax.random.normal(embed_key, (config.vocab_size, config.hidden_size), dtype),
+        "layers": layers,
         "final_norm": jnp.ones((config.hidden_size,), dtype),
     }
     if not config.tie_word_embeddings:
-        params["lm_head"] = (0.02 * jax.random.normal(head_key, (config.hidden_size, config.vocab_size))).astype(dtype)
+        params["lm_head"] = 0.02 * jax.random.normal(head_key, (config.hidden_size, config.vocab_size), dtype)
     return params
