@@ -3,8 +3,8 @@
 Tokens are flattened across requests: the decode rows first (one token each, read through their block tables
 by the paged decode kernel), then the prefill chunks back to back (attending to a gathered list of their
 context slots). Every dimension is padded to a bucket of `StepBuckets`, so few distinct shapes ever reach jit.
-Padding writes go to the scratch block 0, padded block-table entries point at it, padded decode rows get a
-context of 1, and padded prefill tokens and context entries carry request ids that match nothing.
+Padding writes go to the scratch block 0, padded block-table entries point at it, padded decode rows have
+context length 0, and padded prefill tokens and context entries carry request ids that match nothing.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class ScheduledChunk:
     "prefill_request_ids", "context_slots", "context_request_ids", "context_positions", "sample_indices"])
 @dataclasses.dataclass
 class StepBatch:
-    """One step's tokens; B decode rows, P prefill tokens (T = B + P), M table width, S context, R samples."""
+    """One step's tokens: B decode rows, P prefill tokens (T = B + P), M table width, S context, R sampled rows."""
 
     token_ids: jax.Array            # int32[T]
     positions: jax.Array            # int32[T]
@@ -71,21 +71,28 @@ def slots_of(block_table: list[int], positions: np.ndarray, block_size: int) -> 
     return np.asarray(block_table, np.int32)[positions // block_size] * block_size + positions % block_size
 
 
-def pack_step(chunks: list[ScheduledChunk], block_size: int, buckets: StepBuckets) -> tuple[StepBatch, list[int]]:
-    """The padded batch of a step, and the positions in `chunks` of the rows it samples (in row order)."""
+def pack_step(chunks: list[ScheduledChunk], block_size: int,
+              buckets: StepBuckets) -> tuple[StepBatch, list[Request | None]]:
+    """The padded batch of a step, and the request whose next token each sampled row gives (None: discard).
+
+    Row i < B samples decode row i; row B + j samples the last token of the j-th prefill chunk.
+    """
     decodes = [c for c in chunks if c.num_tokens == 1]
     prefills = [c for c in chunks if c.num_tokens > 1]
     num_decode_rows = bucket(len(decodes), buckets.num_seqs)
     num_prefill_tokens = bucket(sum(c.num_tokens for c in prefills), buckets.num_tokens)
-    num_context = bucket(sum(c.start + c.num_tokens for c in prefills), buckets.num_context)
+    num_context = buckets.num_context(sum(c.start + c.num_tokens for c in prefills), num_prefill_tokens)
     table_width = bucket(max((len(c.request.block_table) for c in decodes), default=0), buckets.num_blocks)
     num_tokens = num_decode_rows + num_prefill_tokens
+    num_rows = buckets.num_sample_rows(num_decode_rows, num_prefill_tokens)
+    sample_indices = np.zeros(num_rows, np.int32)
+    sampled_requests: list[Request | None] = [None] * num_rows
 
     token_ids = np.zeros(num_tokens, np.int32)
     positions = np.zeros(num_tokens, np.int32)
     slot_mapping = np.zeros(num_tokens, np.int32)
     block_tables = np.zeros((num_decode_rows, table_width), np.int32)
-    context_lens = np.ones(num_decode_rows, np.int32)
+    context_lens = np.zeros(num_decode_rows, np.int32)
     for row, chunk in enumerate(decodes):
         table = chunk.request.block_table
         token_ids[row] = token_at(chunk.request, chunk.start)
@@ -93,13 +100,14 @@ def pack_step(chunks: list[ScheduledChunk], block_size: int, buckets: StepBucket
         slot_mapping[row] = table[chunk.start // block_size] * block_size + chunk.start % block_size
         block_tables[row, :len(table)] = table
         context_lens[row] = chunk.start + 1
+        sample_indices[row] = row
+        sampled_requests[row] = chunk.request if chunk.samples else None
 
     prefill_request_ids = np.full(num_prefill_tokens, PAD_QUERY_REQUEST, np.int32)
     context_slots = np.zeros(num_context, np.int32)
     context_request_ids = np.full(num_context, PAD_CONTEXT_REQUEST, np.int32)
     context_positions = np.zeros(num_context, np.int32)
     token_offset, context_offset = num_decode_rows, 0
-    last_token_index = {id(c): row for row, c in enumerate(decodes)}
     for index, chunk in enumerate(prefills):
         request, end = chunk.request, chunk.start + chunk.num_tokens
         chunk_slice = slice(token_offset, token_offset + chunk.num_tokens)
@@ -112,14 +120,12 @@ def pack_step(chunks: list[ScheduledChunk], block_size: int, buckets: StepBucket
         context_request_ids[context_slice] = index
         context_positions[context_slice] = np.arange(end)
         token_offset, context_offset = chunk_slice.stop, context_slice.stop
-        last_token_index[id(chunk)] = chunk_slice.stop - 1
+        sample_indices[num_decode_rows + index] = chunk_slice.stop - 1
+        sampled_requests[num_decode_rows + index] = request if chunk.samples else None
 
-    sampled = [i for i, c in enumerate(chunks) if c.samples]
-    sample_indices = np.zeros(bucket(len(sampled), buckets.num_seqs), np.int32)
-    sample_indices[:len(sampled)] = [last_token_index[id(chunks[i])] for i in sampled]
     batch = StepBatch(token_ids=token_ids, positions=positions, slot_mapping=slot_mapping,
                       decode_block_tables=block_tables, decode_context_lens=context_lens,
                       prefill_request_ids=prefill_request_ids, context_slots=context_slots,
                       context_request_ids=context_request_ids, context_positions=context_positions,
                       sample_indices=sample_indices)
-    return batch, sampled
+    return batch, sampled_requests

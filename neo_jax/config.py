@@ -8,6 +8,8 @@ from neo_jax.models.config import SUPPORTED_DTYPES, ModelConfig
 
 POLICIES = ("gpu-only",)
 MIN_TOKEN_BUCKET = 16
+# Decode rows with short contexts share one block-table width (a few padded blocks cost little).
+MIN_TABLE_BUCKET = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,20 +86,31 @@ def bucket(size: int, buckets: tuple[int, ...]) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class StepBuckets:
-    """Padded sizes the step compiles for; each step rounds every dimension up to one of these."""
+    """Padded sizes the step compiles for; each step rounds its dimensions up to these.
 
-    num_seqs: tuple[int, ...]      # decode rows, sampled rows
-    num_tokens: tuple[int, ...]    # prefill tokens of a step
+    The other dimensions follow from these, which keeps the number of distinct programs small: a step with
+    B decode rows and P prefill tokens samples B + min(P // 2, max_num_seqs) rows (a prefill chunk has at
+    least 2 tokens), and gathers P * 2**k context tokens (k = 0 when no prefill continues a cached prefix).
+    """
+
+    num_seqs: tuple[int, ...]      # decode rows
+    num_tokens: tuple[int, ...]    # prefill tokens
     num_blocks: tuple[int, ...]    # block-table width of the decode rows
-    num_context: tuple[int, ...]   # context tokens (cached prefix + chunk) of the step's prefills
+    max_num_seqs: int
 
     @classmethod
     def for_engine(cls, config: EngineConfig, max_model_len: int) -> StepBuckets:
-        max_blocks = -(-max_model_len // config.block_size)
-        max_prefills = min(config.max_num_seqs, config.max_num_batched_tokens)
-        return cls(
-            num_seqs=powers_of_two(1, config.max_num_seqs),
-            num_tokens=powers_of_two(MIN_TOKEN_BUCKET, config.max_num_batched_tokens),
-            num_blocks=powers_of_two(1, max_blocks),
-            num_context=powers_of_two(MIN_TOKEN_BUCKET, max_prefills * max_model_len),
-        )
+        return cls(num_seqs=powers_of_two(1, config.max_num_seqs),
+                   num_tokens=powers_of_two(MIN_TOKEN_BUCKET, config.max_num_batched_tokens),
+                   num_blocks=powers_of_two(MIN_TABLE_BUCKET, -(-max_model_len // config.block_size)),
+                   max_num_seqs=config.max_num_seqs)
+
+    def num_sample_rows(self, num_decode_rows: int, num_prefill_tokens: int) -> int:
+        return num_decode_rows + min(num_prefill_tokens // 2, self.max_num_seqs)
+
+    @staticmethod
+    def num_context(num_context_tokens: int, num_prefill_tokens: int) -> int:
+        size = num_prefill_tokens
+        while size < num_context_tokens:
+            size *= 2
+        return size

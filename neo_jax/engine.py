@@ -96,12 +96,12 @@ class LLMEngine:
         chunks = self.scheduler.schedule()
         sampled = self.runner.execute(chunks, self.eos_token_ids)
         finished = []
-        for index, chunk in enumerate(chunks):
+        for chunk in chunks:
             request = chunk.request
             request.num_computed_tokens += chunk.num_tokens
-            if index not in sampled:
+            if request.request_id not in sampled:
                 continue
-            request.output_token_ids.append(sampled[index])
+            request.output_token_ids.append(sampled[request.request_id])
             reason = request.stop_reason(self.eos_token_ids, self.max_model_len)
             if reason is not None:
                 self.scheduler.finish(request, reason)

@@ -51,10 +51,7 @@ class ModelRunner:
         return tokens
 
     def execute(self, chunks: list[ScheduledChunk], eos_token_ids: tuple[int, ...]) -> dict[int, int]:
-        """Computes the chunks; the sampled next token keyed by the position of its chunk in `chunks`."""
-        batch, sampled = pack_step(chunks, self.block_size, self.buckets)
-        sampling = pack_sampling([chunks[i].request for i in sampled], batch.sample_indices.shape[0],
-                                 eos_token_ids)
-        tokens = np.asarray(self.run(batch, sampling))
-        return {chunk_index: int(tokens[row]) for row, chunk_index in enumerate(sampled)}
-
+        """Computes the chunks; the sampled next token of each request that samples, by request id."""
+        batch, sampled_requests = pack_step(chunks, self.block_size, self.buckets)
+        tokens = np.asarray(self.run(batch, pack_sampling(sampled_requests, eos_token_ids)))
+        return {r.request_id: int(tokens[row]) for row, r in enumerate(sampled_requests) if r is not None}

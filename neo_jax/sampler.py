@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,25 +35,24 @@ class SamplingBatch:
     suppressed_token_ids: jax.Array  # int32[R, W] tokens that may not be sampled; -1 pads
 
 
-def pack_sampling(requests: list[Request], num_rows: int, eos_token_ids: tuple[int, ...]) -> SamplingBatch:
-    """Sampling parameters of `requests` padded to `num_rows` greedy rows."""
-    suppressed = [r.suppressed_token_ids(eos_token_ids) for r in requests]
+def pack_sampling(requests: list[Request | None], eos_token_ids: tuple[int, ...]) -> SamplingBatch:
+    """Sampling parameters of each row's request; rows without one (None) are greedy padding."""
+    suppressed = [() if r is None else r.suppressed_token_ids(eos_token_ids) for r in requests]
     width = powers_of_two(MIN_SUPPRESSED_WIDTH, max(map(len, suppressed), default=0))[-1]
-    suppressed_ids = np.full((num_rows, width), -1, np.int32)
+    suppressed_ids = np.full((len(requests), width), -1, np.int32)
     for row, ids in enumerate(suppressed):
         suppressed_ids[row, :len(ids)] = ids
 
-    def column(values: list, dtype: type, pad: float) -> np.ndarray:
-        return np.array(values + [pad] * (num_rows - len(values)), dtype)
+    def column(value: Callable[[Request], float], dtype: type, pad: float) -> np.ndarray:
+        return np.array([pad if r is None else value(r) for r in requests], dtype)
 
-    params = [r.sampling_params for r in requests]
     return SamplingBatch(
-        temperatures=column([p.temperature for p in params], np.float32, 0.0),
-        top_k=column([p.top_k for p in params], np.int32, 0),
-        top_p=column([p.top_p for p in params], np.float32, 1.0),
-        min_p=column([p.min_p for p in params], np.float32, 0.0),
-        seeds=column([r.seed for r in requests], np.uint32, 0),
-        output_indices=column([len(r.output_token_ids) for r in requests], np.int32, 0),
+        temperatures=column(lambda r: r.sampling_params.temperature, np.float32, 0.0),
+        top_k=column(lambda r: r.sampling_params.top_k, np.int32, 0),
+        top_p=column(lambda r: r.sampling_params.top_p, np.float32, 1.0),
+        min_p=column(lambda r: r.sampling_params.min_p, np.float32, 0.0),
+        seeds=column(lambda r: r.seed, np.uint32, 0),
+        output_indices=column(lambda r: len(r.output_token_ids), np.int32, 0),
         suppressed_token_ids=suppressed_ids,
     )
 
