@@ -1,0 +1,74 @@
+// The handoff custom calls, each registered under one name for platform "cpu" (computes in place,
+// synchronously) and "CUDA" (hands off to the CPU on a side stream, see handoff_cuda.h):
+//   neo_cpu_attention_start(q, k_new, v_new, layer, slot_mapping, block_tables, context_lens) -> token
+//   neo_cpu_attention_wait(token, dep, <the seven start operands, kept alive>) -> out
+//   neo_host_kv_store(k_rows, v_rows, layer, slot_mapping) -> token
+//   neo_host_kv_load(layer, slot_mapping, dep) -> (k_rows, v_rows)
+// Every call has the attribute pool_id (int64). Tokens are int32 scalars holding the call's number.
+#pragma once
+
+#include "xla/ffi/api/ffi.h"
+
+namespace pybind11 {
+class module_;
+}
+
+namespace neo {
+
+namespace ffi = xla::ffi;
+
+inline auto bind_attention_start() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::AnyBuffer>()  // q
+      .Arg<ffi::AnyBuffer>()  // k_new
+      .Arg<ffi::AnyBuffer>()  // v_new
+      .Arg<ffi::AnyBuffer>()  // layer
+      .Arg<ffi::AnyBuffer>()  // slot_mapping
+      .Arg<ffi::AnyBuffer>()  // block_tables
+      .Arg<ffi::AnyBuffer>()  // context_lens
+      .Ret<ffi::AnyBuffer>()  // token
+      .Attr<int64_t>("pool_id");
+}
+
+inline auto bind_attention_wait() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::AnyBuffer>()  // token
+      .Arg<ffi::AnyBuffer>()  // dep
+      .RemainingArgs()        // the start's operands
+      .Ret<ffi::AnyBuffer>()  // out
+      .Attr<int64_t>("pool_id");
+}
+
+inline auto bind_kv_store() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::AnyBuffer>()  // k_rows
+      .Arg<ffi::AnyBuffer>()  // v_rows
+      .Arg<ffi::AnyBuffer>()  // layer
+      .Arg<ffi::AnyBuffer>()  // slot_mapping
+      .Ret<ffi::AnyBuffer>()  // token
+      .Attr<int64_t>("pool_id");
+}
+
+inline auto bind_kv_load() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::AnyBuffer>()  // layer
+      .Arg<ffi::AnyBuffer>()  // slot_mapping
+      .Arg<ffi::AnyBuffer>()  // dep
+      .Ret<ffi::AnyBuffer>()  // k_rows
+      .Ret<ffi::AnyBuffer>()  // v_rows
+      .Attr<int64_t>("pool_id");
+}
+
+// Exposes the pool, the handler capsules and the CUDA handoff's controls to Python.
+void register_handoff(pybind11::module_& m);
+
+}  // namespace neo
+
+XLA_FFI_DECLARE_HANDLER_SYMBOL(NeoCpuAttentionStartCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(NeoCpuAttentionWaitCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(NeoHostKvStoreCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(NeoHostKvLoadCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(NeoCpuAttentionStartCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(NeoCpuAttentionWaitCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(NeoHostKvStoreCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(NeoHostKvLoadCuda);

@@ -1,0 +1,97 @@
+// The CUDA side of the handoff. XLA runs a custom call's handler on the host when it enqueues the
+// call's thunk, long before the GPU gets there, so every handler only enqueues work and gives the
+// call its own sequence number and staging buffers; nothing is decided at execution time.
+//
+//   start:  XLA's stream records an event; the to-host side stream waits on it, copies the operands
+//           into pinned staging and rings the doorbell (cuStreamWriteValue32 <- seq). The dispatcher
+//           thread sees the doorbell, runs append + attention into the pinned output and publishes
+//           seq in the done word. The from-host side stream waits for done >= seq
+//           (cuStreamWaitValue32) and prefetches the output into device staging.
+//   wait:   XLA's stream waits for that prefetch and copies the output into its own buffer: it
+//           stalls only if the CPU is late. The start's operands are passed to wait as well, so XLA
+//           keeps their buffers (which the to-host stream reads late) alive until then.
+//   store:  like start, but XLA's stream waits until the rows are copied out (it may reuse them).
+//   load:   XLA's stream waits until the rows the CPU gathered are copied into its buffers.
+#pragma once
+
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include "cuda_driver.h"
+#include "handoff_dispatcher.h"
+#include "handoff_ops.h"
+#include "handoff_staging.h"
+
+namespace neo {
+
+class CudaHandoff {
+ public:
+  // The process's handoff, created on the first call from XLA's stream. Methods throw
+  // std::invalid_argument for bad use and std::runtime_error for CUDA failures.
+  static CudaHandoff& get(const CudaDriver& cuda, CUstream xla_stream);
+  // nullptr until a CUDA handler has run.
+  static CudaHandoff* existing();
+
+  void start_attention(CUstream xla, std::shared_ptr<HostKvPool> pool, const AttentionShape& shape,
+                       const std::vector<ffi::AnyBuffer>& operands, void* token);
+  void wait_attention(CUstream xla, const void* token, const std::vector<const void*>& kept,
+                      ffi::AnyBuffer out);
+  void store(CUstream xla, std::shared_ptr<HostKvPool> pool, ffi::AnyBuffer k_rows,
+             ffi::AnyBuffer v_rows, ffi::AnyBuffer layer, ffi::AnyBuffer slot_mapping, void* token);
+  void load(CUstream xla, std::shared_ptr<HostKvPool> pool, ffi::AnyBuffer layer,
+            ffi::AnyBuffer slot_mapping, ffi::AnyBuffer k_rows, ffi::AnyBuffer v_rows);
+
+  // Until the CPU has finished every call enqueued so far (the GPU must get to them); returns the
+  // first error the CPU side met, or a timeout message, or "".
+  std::string synchronize(double timeout_s);
+  void shutdown(double drain_timeout_s) { dispatcher_->shutdown(drain_timeout_s); }
+
+ private:
+  struct Call {
+    uint32_t seq = 0;
+    std::shared_ptr<HostKvPool> pool;  // the dispatcher may still write it
+    StagingBuffer staging;
+    CUevent prefetched = nullptr;  // attention: the output has reached staging.device
+    CUevent retire = nullptr;      // the last GPU use of the staging buffers
+    bool awaiting_wait = false;
+    std::vector<const void*> operands;  // device buffers the to-host stream reads
+    size_t out_bytes = 0;
+  };
+
+  CudaHandoff(const CudaDriver& cuda, CUstream xla_stream);
+  void check(CUresult result, const char* call) const;
+  // Under mutex_: context checks, an earlier CPU-side error, retiring finished calls.
+  void enter(CUstream xla);
+  void retire_finished();
+  std::shared_ptr<Call> new_call(std::shared_ptr<HostKvPool> pool, size_t host_bytes,
+                                 size_t device_bytes);
+  void copy_to_host(const Call& call, const void* device, size_t offset, size_t bytes);
+  // The side stream starts its part of the call only where XLA's stream is now.
+  void follow_xla(CUstream xla, CUstream side);
+  void ring_doorbell(const Call& call);
+
+  const CudaDriver& cuda_;
+  CUcontext context_ = nullptr;
+  CUstream to_host_ = nullptr;
+  CUstream from_host_ = nullptr;
+  CUevent xla_reached_ = nullptr;
+  uint32_t* flags_ = nullptr;  // mapped pinned: the doorbell and the done word, a cache line apart
+  CUdeviceptr doorbell_device_ = 0;
+  CUdeviceptr done_device_ = 0;
+  StagingBuffers staging_;
+  std::unique_ptr<HandoffDispatcher> dispatcher_;
+
+  std::mutex mutex_;
+  uint32_t next_seq_ = 1;
+  std::unordered_set<CUstream> checked_streams_;
+  std::list<std::shared_ptr<Call>> in_flight_;
+  std::unordered_map<const void*, std::shared_ptr<Call>> awaiting_wait_;  // by token address
+};
+
+}  // namespace neo
