@@ -5,20 +5,63 @@ Layouts (the host pool's too, so that swaps are block copies):
   k/v cache     [num_blocks, Hkv, block_size, D]
   block_tables  int32 [B, max_blocks]       context_lens int32 [B] (0 = padding row, output zeros)
 GQA of any ratio, softmax in fp32, scale 1/sqrt(D) unless given.
+
+`paged_decode_attention` lowers to the CUDA kernel (neo_jax.kernels._cuda, an XLA FFI custom call) when
+the program is compiled for a CUDA GPU and the kernel supports the shapes; to the gather-based reference
+everywhere else. To attend one layer of a stacked cache [L, N, ...] without copying the layer out, view it
+as [L * N, ...] and offset the block tables by layer * N.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+try:
+    from neo_jax.kernels import _cuda
+except ImportError:  # built only where CMake found a CUDA compiler
+    _cuda = None
+
+FFI_TARGET = "neo_jax_paged_decode_attention"
+CUDA_HEAD_DIMS = (64, 128)
+CUDA_BLOCK_SIZES = (16, 32)
+CUDA_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+if _cuda is not None:
+    jax.ffi.register_ffi_target(FFI_TARGET, _cuda.paged_decode_attention_handler(), platform="CUDA")
+
+
+def check_paged_attention_inputs(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, block_tables: jax.Array,
+                                 context_lens: jax.Array) -> None:
+    """Raises ValueError naming the first argument whose shape or dtype breaks the layouts above."""
+    if q.ndim != 3:
+        raise ValueError(f"q must be [batch, num_heads, head_dim], got shape {q.shape}")
+    if k_cache.ndim != 4:
+        raise ValueError(f"k_cache must be [num_blocks, num_kv_heads, block_size, head_dim], got {k_cache.shape}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache shape {v_cache.shape} differs from k_cache shape {k_cache.shape}")
+    batch, num_heads, head_dim = q.shape
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"k_cache head_dim {k_cache.shape[3]} differs from q's {head_dim}")
+    if num_heads % k_cache.shape[1]:
+        raise ValueError(f"q's {num_heads} heads are not a multiple of k_cache's {k_cache.shape[1]} kv heads")
+    if block_tables.dtype != jnp.int32 or block_tables.ndim != 2 or block_tables.shape[0] != batch:
+        raise ValueError(f"block_tables must be int32 [{batch}, max_blocks], got {block_tables.dtype} "
+                         f"{block_tables.shape}")
+    if context_lens.dtype != jnp.int32 or context_lens.shape != (batch,):
+        raise ValueError(f"context_lens must be int32 [{batch}], got {context_lens.dtype} {context_lens.shape}")
 
 
 def paged_decode_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                                      block_tables: jax.Array, context_lens: jax.Array,
                                      scale: float | None = None) -> jax.Array:
     """Gathers each request's blocks and attends in plain JAX: the oracle and the path off the GPU."""
+    check_paged_attention_inputs(q, k_cache, v_cache, block_tables, context_lens)
     batch, num_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = k_cache.shape
     max_len = block_tables.shape[1] * block_size
@@ -39,7 +82,52 @@ def paged_decode_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: 
     return out.reshape(batch, num_heads, head_dim).astype(q.dtype)
 
 
+def cuda_kernel_unsupported_reason(q: jax.Array, k_cache: jax.Array) -> str | None:
+    """Why the CUDA kernel cannot run these operands (None when it can)."""
+    if _cuda is None:
+        return "neo_jax.kernels._cuda was not built (no CUDA compiler when the package was installed)"
+    if q.dtype not in CUDA_DTYPES or k_cache.dtype != q.dtype:
+        return f"dtypes q {q.dtype} / cache {k_cache.dtype}: the kernel needs one of bf16, f16, f32 for both"
+    if q.shape[2] not in CUDA_HEAD_DIMS:
+        return f"head_dim {q.shape[2]} is not one of {CUDA_HEAD_DIMS}"
+    if k_cache.shape[2] not in CUDA_BLOCK_SIZES:
+        return f"block_size {k_cache.shape[2]} is not one of {CUDA_BLOCK_SIZES}"
+    return None
+
+
+def paged_decode_attention_cuda(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, block_tables: jax.Array,
+                                context_lens: jax.Array, scale: float | None = None,
+                                partition_blocks: int = 0) -> jax.Array:
+    """The CUDA kernel as an FFI custom call (CUDA programs only). partition_blocks: KV blocks per
+    split-K partition, 0 to let the kernel fill the GPU."""
+    check_paged_attention_inputs(q, k_cache, v_cache, block_tables, context_lens)
+    reason = cuda_kernel_unsupported_reason(q, k_cache)
+    if reason is not None:
+        raise ValueError(f"paged_decode_attention_cuda: {reason}")
+    if partition_blocks < 0:
+        raise ValueError(f"partition_blocks must be >= 0, got {partition_blocks}")
+    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
+    call = jax.ffi.ffi_call(FFI_TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype))
+    return call(q, k_cache, v_cache, block_tables, context_lens, scale=np.float32(scale),
+                partition_blocks=np.int32(partition_blocks))
+
+
+@functools.cache
+def _warn_fallback(reason: str) -> None:
+    warnings.warn(f"paged_decode_attention falls back to the gather-based reference on the GPU: {reason}",
+                  stacklevel=3)
+
+
 def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, block_tables: jax.Array,
                            context_lens: jax.Array, scale: float | None = None) -> jax.Array:
-    """The fastest implementation for the arrays' platform; the reference where no kernel is built."""
-    return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale)
+    """The CUDA kernel in programs compiled for a CUDA GPU, the reference elsewhere or for shapes it lacks."""
+    check_paged_attention_inputs(q, k_cache, v_cache, block_tables, context_lens)
+    operands = (q, k_cache, v_cache, block_tables, context_lens)
+    reference = functools.partial(paged_decode_attention_reference, scale=scale)
+    reason = cuda_kernel_unsupported_reason(q, k_cache)
+    if reason is not None:
+        if jax.default_backend() == "gpu":
+            _warn_fallback(reason)
+        return reference(*operands)
+    return jax.lax.platform_dependent(*operands, cuda=functools.partial(paged_decode_attention_cuda, scale=scale),
+                                      default=reference)
