@@ -1,5 +1,28 @@
-"""CPU paged decode attention for requests whose KV cache lives in host memory."""
+"""CPU paged decode attention for requests whose KV cache lives in host memory.
 
-from neo_jax.cpu_ops._C import cpu_isa
+NumPy calls (`paged_decode_attention`, `append_kv`) work on arrays in place; `jax_*` versions are
+XLA FFI custom calls for jitted code on JAX's CPU backend.
+"""
 
-__all__ = ["cpu_isa"]
+from neo_jax.cpu_ops.jax_ops import jax_append_kv, jax_paged_decode_attention
+from neo_jax.cpu_ops.ops import (
+    append_kv,
+    available_isas,
+    cpu_isa,
+    num_threads,
+    paged_decode_attention,
+    read_bandwidth_probe,
+    set_num_threads,
+)
+
+__all__ = [
+    "append_kv",
+    "available_isas",
+    "cpu_isa",
+    "jax_append_kv",
+    "jax_paged_decode_attention",
+    "num_threads",
+    "paged_decode_attention",
+    "read_bandwidth_probe",
+    "set_num_threads",
+]

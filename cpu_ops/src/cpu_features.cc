@@ -24,18 +24,31 @@ Isa probe() {
 
 Isa cap_from_env(Isa found) {
   const char* requested = std::getenv("NEO_CPU_ISA");
-  if (requested == nullptr) return found;
-  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16Fp16}) {
-    if (isa_name(isa) == requested && isa <= found) return isa;
-  }
+  Isa isa;
+  if (requested != nullptr && isa_from_name(requested, &isa) && isa <= found) return isa;
   return found;
 }
 
 }  // namespace
 
-Isa best_isa() {
-  static const Isa isa = cap_from_env(probe());
+Isa cpu_isa_limit() {
+  static const Isa isa = probe();
   return isa;
+}
+
+Isa best_isa() {
+  static const Isa isa = cap_from_env(cpu_isa_limit());
+  return isa;
+}
+
+bool isa_from_name(const std::string& name, Isa* isa) {
+  for (Isa candidate : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16Fp16}) {
+    if (isa_name(candidate) == name) {
+      *isa = candidate;
+      return true;
+    }
+  }
+  return false;
 }
 
 std::string isa_name(Isa isa) {

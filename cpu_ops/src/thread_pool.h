@@ -31,7 +31,8 @@ class ThreadPool {
   // Runs task(i, worker) for every i in [0, num_tasks), handing tasks out one at a time to whichever
   // thread is free; worker is in [0, num_threads()) and unique among the threads running at once
   // (scratch memory can be indexed by it). Returns when all tasks are done and rethrows the first
-  // exception a task threw. Calls from several threads are serialized.
+  // exception a task threw. Calls from several threads are serialized; a task must not call
+  // parallel_for on the same pool.
   void parallel_for(int64_t num_tasks, const std::function<void(int64_t task, int worker)>& task);
 
   // Joins the workers and starts num_threads - 1 new ones; waits for a running call to finish.
@@ -41,9 +42,16 @@ class ThreadPool {
   void shutdown();
 
  private:
+  using Task = std::function<void(int64_t, int)>;
   struct Job {
-    const std::function<void(int64_t, int)>* task = nullptr;
+    const Task* task = nullptr;
     int64_t num_tasks = 0;
+  };
+  // A job slot read by workers while the caller may be filling it for a later call (seqlock-style,
+  // validated by the epoch in work_), hence atomic fields.
+  struct JobSlot {
+    std::atomic<const Task*> task{nullptr};
+    std::atomic<int64_t> num_tasks{0};
   };
 
   void start_workers(int num_threads);
@@ -59,7 +67,7 @@ class ThreadPool {
   std::mutex call_mutex_;  // one call (or resize) at a time
   // High 32 bits: the epoch of the current call; low 32 bits: the next task index to hand out.
   std::atomic<uint64_t> work_{0};
-  Job jobs_[2];  // the job of epoch e lives in jobs_[e & 1], written before work_ names e
+  JobSlot jobs_[2];  // the job of epoch e lives in jobs_[e & 1], written before work_ names e
   std::atomic<int64_t> tasks_done_{0};
   std::atomic<bool> stopping_{false};
   std::atomic<int> sleepers_{0};
