@@ -79,6 +79,9 @@ class ModelConfig:
         for flag in ("attention_bias", "mlp_bias"):
             if hf.get(flag):
                 raise ValueError(f"{flag}: biases are not supported")
+        missing = [f for f in _REQUIRED_HF_FIELDS if f not in hf]
+        if missing:
+            raise ValueError(f"{missing[0]}: missing from config.json")
         num_heads = hf["num_attention_heads"]
         # transformers >= 5 writes `rope_parameters` (theta inside); older files `rope_theta` + `rope_scaling`.
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
@@ -102,6 +105,9 @@ class ModelConfig:
         )
 
 
+_REQUIRED_HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
 def _parse_dtype(name: str) -> str:
     if name not in SUPPORTED_DTYPES:
         raise ValueError(f"torch_dtype: {name!r} is not one of {SUPPORTED_DTYPES}")
@@ -116,6 +122,10 @@ def _parse_rope_scaling(raw: dict[str, Any] | None) -> RopeScaling | None:
         return None
     if kind != "llama3":
         raise ValueError(f"rope_scaling.rope_type: {kind!r} is not supported (only 'llama3')")
+    missing = [f for f in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+               if f not in raw]
+    if missing:
+        raise ValueError(f"rope_scaling.{missing[0]}: missing from the llama3 rope scaling")
     return RopeScaling(
         factor=float(raw["factor"]),
         low_freq_factor=float(raw["low_freq_factor"]),

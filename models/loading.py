@@ -8,8 +8,10 @@ loaders reject bf16. HF stores linear weights as [out, in]; they are transposed 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -53,8 +55,13 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
             continue
         if info["dtype"] not in _SAFETENSORS_DTYPES:
             raise CheckpointError(f"{name}: dtype {info['dtype']} is not supported")
+        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
         begin, end = info["data_offsets"]
-        tensors[name] = data[begin:end].view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+        expected_bytes = math.prod(info["shape"]) * dtype.itemsize
+        if end - begin != expected_bytes or end > data.size:
+            raise CheckpointError(f"{name}: {end - begin} bytes at [{begin}, {end}) of {os.fspath(path)} "
+                                  f"(data section {data.size} bytes) do not hold shape {info['shape']} {info['dtype']}")
+        tensors[name] = data[begin:end].view(dtype).reshape(info["shape"])
     return tensors
 
 
@@ -73,17 +80,13 @@ def _checkpoint_files(path: str) -> list[str]:
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    d, i = config.hidden_size, config.intermediate_size
-    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    return {"input_norm": (d,), "post_norm": (d,), "wq": (d, q), "wk": (d, kv), "wv": (d, kv), "wo": (q, d),
-            "w_gate": (d, i), "w_up": (d, i), "w_down": (i, d)}
-
-
 def load_hf_checkpoint(path: str | os.PathLike, dtype: str | None = None) -> tuple[ModelConfig, Params]:
     """Config and params of an HF Llama directory, cast to `dtype` (default: the checkpoint's)."""
     path = os.fspath(path)
-    config = ModelConfig.from_hf(path)
+    try:
+        config = ModelConfig.from_hf(path)
+    except ValueError as error:
+        raise CheckpointError(f"{os.path.join(path, 'config.json')}: {error}") from error
     if dtype is not None:
         config = config.with_dtype(dtype)
     tensors: dict[str, np.ndarray] = {}
@@ -92,43 +95,67 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype: str | None = None) -> tup
     return config, params_from_hf_tensors(config, tensors)
 
 
-def params_from_hf_tensors(config: ModelConfig, tensors: dict[str, np.ndarray]) -> Params:
-    """Maps HF tensor names onto our params, checking every name, shape and dtype."""
-    dtype = jnp.dtype(config.dtype)
-    unused = set(tensors)
+def _expected_tensors(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """HF tensor name -> (our shape, transpose from HF's [out, in])."""
+    v, d, i = config.vocab_size, config.hidden_size, config.intermediate_size
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    layer_shapes = {"input_norm": (d,), "post_norm": (d,), "wq": (d, q), "wk": (d, kv), "wv": (d, kv),
+                    "wo": (q, d), "w_gate": (d, i), "w_up": (d, i), "w_down": (i, d)}
+    expected = {"model.embed_tokens.weight": ((v, d), False), "model.norm.weight": ((d,), False)}
+    if not config.tie_word_embeddings:
+        expected["lm_head.weight"] = ((d, v), True)
+    for layer in range(config.num_layers):
+        for ours, (hf, transpose) in _LAYER_TENSORS.items():
+            expected[f"model.layers.{layer}.{hf}"] = (layer_shapes[ours], transpose)
+    return expected
 
-    def take(name: str, shape: tuple[int, ...], transpose: bool) -> np.ndarray:
-        if name not in tensors:
-            raise CheckpointError(f"{name}: tensor missing from the checkpoint")
-        unused.discard(name)
+
+def _ignorable(name: str, config: ModelConfig) -> bool:
+    """Tensors some checkpoints carry that we recompute (RoPE frequencies) or share (a tied head)."""
+    return name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight")
+
+
+def _check_tensors(config: ModelConfig, tensors: dict[str, np.ndarray]) -> None:
+    expected = _expected_tensors(config)
+    missing = [name for name in expected if name not in tensors]
+    if missing:
+        raise CheckpointError(f"{missing[0]}: tensor missing from the checkpoint ({len(missing)} in all)")
+    unexpected = sorted(name for name in tensors if name not in expected and not _ignorable(name, config))
+    if unexpected:
+        raise CheckpointError(f"{unexpected[0]}: unexpected tensor for this config ({len(unexpected)} in all)")
+    for name, (shape, transpose) in expected.items():
         array = tensors[name]
-        if not np.issubdtype(array.dtype, np.floating) and array.dtype != ml_dtypes.bfloat16:
+        if not (np.issubdtype(array.dtype, np.floating) or array.dtype == ml_dtypes.bfloat16):
             raise CheckpointError(f"{name}: dtype {array.dtype} is not a float type")
-        array = array.T if transpose else array
-        if array.shape != shape:
-            raise CheckpointError(f"{name}: shape {array.shape[::-1] if transpose else array.shape} does not match "
-                                  f"the config's {shape[::-1] if transpose else shape}")
-        return np.asarray(array, dtype=dtype)
+        hf_shape = shape[::-1] if transpose else shape
+        if array.shape != hf_shape:
+            raise CheckpointError(f"{name}: shape {array.shape} does not match the config's {hf_shape}")
 
-    v, d = config.vocab_size, config.hidden_size
-    shapes = _expected_shapes(config)
-    layers = {
-        ours: np.stack([take(f"model.layers.{i}.{hf}", shapes[ours], transpose) for i in range(config.num_layers)])
-        for ours, (hf, transpose) in _LAYER_TENSORS.items()
-    }
+
+def params_from_hf_tensors(config: ModelConfig, tensors: dict[str, np.ndarray]) -> Params:
+    """Maps HF tensor names onto our params after checking every name, shape and dtype.
+
+    Each stacked tensor goes to the default device as soon as it is built, so the host holds one at a time
+    besides the memory-mapped files.
+    """
+    _check_tensors(config, tensors)
+    dtype = jnp.dtype(config.dtype)
+
+    def take(name: str, transpose: bool = False) -> np.ndarray:
+        array = tensors[name].T if transpose else tensors[name]
+        return array.astype(dtype, copy=False)
+
     params: Params = {
-        "embed": take("model.embed_tokens.weight", (v, d), False),
-        "layers": layers,
-        "final_norm": take("model.norm.weight", (d,), False),
+        "embed": jnp.asarray(take("model.embed_tokens.weight")),
+        "layers": {
+            ours: jnp.asarray(np.stack([take(f"model.layers.{i}.{hf}", transpose) for i in range(config.num_layers)]))
+            for ours, (hf, transpose) in _LAYER_TENSORS.items()
+        },
+        "final_norm": jnp.asarray(take("model.norm.weight")),
     }
     if not config.tie_word_embeddings:
-        params["lm_head"] = take("lm_head.weight", (d, v), True)
-    unused -= {n for n in unused if n.endswith("rotary_emb.inv_freq")}
-    if config.tie_word_embeddings:
-        unused.discard("lm_head.weight")
-    if unused:
-        raise CheckpointError(f"{sorted(unused)[0]}: unexpected tensor for this config ({len(unused)} in all)")
-    return jax.tree.map(jnp.asarray, params)
+        params["lm_head"] = jnp.asarray(take("lm_head.weight", transpose=True))
+    return params
 
 
 def save_params(path: str | os.PathLike, params: Params) -> None:
