@@ -45,7 +45,8 @@ _ATTENTION_WAIT = "neo_cpu_attention_wait"
 _KV_STORE = "neo_host_kv_store"
 _KV_LOAD = "neo_host_kv_load"
 
-for _name, _platforms in _C.handoff_handlers().items():
+_HANDLERS = _C.handoff_handlers()
+for _name, _platforms in _HANDLERS.items():
     for _platform, _capsule in _platforms.items():
         jax.ffi.register_ffi_target(_name, _capsule, platform=_platform)
 
@@ -202,6 +203,11 @@ def synchronize(timeout_s: float = 60.0) -> None:
     _C.handoff_synchronize(timeout_s)
 
 
+def cuda_handoff_available() -> bool:
+    """Whether libcuda loaded, so that the calls are registered for CUDA and pools are pinned."""
+    return "CUDA" in _HANDLERS[_ATTENTION_START]
+
+
 def cuda_driver_status() -> str:
-    """Whether libcuda loaded (and so whether the CUDA handlers are registered), in words."""
+    """Why the CUDA handlers are or are not registered, in words."""
     return _C.cuda_driver_status()

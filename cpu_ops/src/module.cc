@@ -9,6 +9,7 @@ namespace neo {
 void register_attention(py::module_& m);
 void register_ffi_targets(py::module_& m);
 void register_bandwidth_probe(py::module_& m);
+void register_handoff(py::module_& m);
 }  // namespace neo
 
 PYBIND11_MODULE(_C, m) {
@@ -18,4 +19,5 @@ PYBIND11_MODULE(_C, m) {
   neo::register_attention(m);
   neo::register_ffi_targets(m);
   neo::register_bandwidth_probe(m);
+  neo::register_handoff(m);
 }

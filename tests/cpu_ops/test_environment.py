@@ -1,0 +1,62 @@
+"""Environment knobs (NEO_CPU_ISA, NEO_CPU_THREADS) and a clean interpreter exit, in subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from neo_jax import cpu_ops
+
+
+def run_python(code: str, **env: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.mark.parametrize("isa", cpu_ops.available_isas())
+def test_neo_cpu_isa_caps_the_default_kernel(isa):
+    code = """
+        import ml_dtypes, numpy as np
+        from attention_reference import make_batch
+        from neo_jax import cpu_ops
+        b = make_batch(np.random.default_rng(0), [300, 5], 2, 4, 64, 16, ml_dtypes.bfloat16, ml_dtypes.bfloat16)
+        args = (b.q, b.k_cache, b.v_cache, b.block_tables, b.context_lens)
+        default = cpu_ops.paged_decode_attention(*args)
+        explicit = cpu_ops.paged_decode_attention(*args, isa=cpu_ops.cpu_isa())
+        print(cpu_ops.cpu_isa(), np.array_equal(default, explicit))
+    """
+    pythonpath = os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])
+    assert run_python(code, NEO_CPU_ISA=isa, PYTHONPATH=pythonpath) == f"{isa} True"
+
+
+def test_neo_cpu_threads_sets_the_pool_size():
+    assert run_python("from neo_jax import cpu_ops; print(cpu_ops.num_threads())", NEO_CPU_THREADS="3") == "3"
+
+
+@pytest.mark.parametrize("threads", ["1", "4"])
+def test_interpreter_exits_after_using_the_pool(threads):
+    """Workers left spinning or sleeping must not hold the exit (the subprocess has a timeout)."""
+    code = """
+        import threading, numpy as np
+        from neo_jax import cpu_ops
+        k = np.zeros((4, 1, 16, 64), np.float32)
+        args = (np.ones((2, 1, 64), np.float32), k, k, np.zeros((2, 2), np.int32), np.array([16, 3], np.int32))
+        worker = threading.Thread(target=lambda: [cpu_ops.paged_decode_attention(*args) for _ in range(50)])
+        worker.start()
+        for _ in range(50):
+            out = cpu_ops.paged_decode_attention(*args)
+        worker.join()
+        print(float(out.sum()))
+    """
+    assert run_python(code, NEO_CPU_THREADS=threads) == "0.0"
