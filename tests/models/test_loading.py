@@ -28,31 +28,28 @@ def edit_config(path: pathlib.Path, **fields) -> None:
     (path / "config.json").write_text(json.dumps(config))
 
 
-def test_missing_tensor_is_named(tiny_llama) -> None:
+TENSOR_EDITS = {
+    "missing": (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"),
+                r"model\.layers\.1\.mlp\.up_proj\.weight: tensor missing"),
+    "unexpected": (lambda t: t.update({"model.layers.0.extra.weight": np.zeros(3, np.float32)}),
+                   r"model\.layers\.0\.extra\.weight: unexpected tensor"),
+    "shape": (lambda t: t.update({"model.norm.weight": np.ones(63, np.float32)}),
+              r"model\.norm\.weight: shape \(63,\) does not match the config's \(64,\)"),
+    "transposed": (lambda t: t.update({"model.layers.0.mlp.up_proj.weight": np.ones((64, 96), np.float32)}),
+                   r"model\.layers\.0\.mlp\.up_proj\.weight: shape \(64, 96\) does not match the config's \(96, 64\)"),
+    "non_float": (lambda t: t.update({"model.norm.weight": np.ones(64, np.int32)}),
+                  r"model\.norm\.weight: dtype int32 is not a float type"),
+    "unsupported_dtype": (lambda t: t.update({"model.norm.weight": np.ones(64, np.int8)}),
+                          r"model\.norm\.weight: dtype I8 is not supported"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TENSOR_EDITS))
+def test_bad_tensor_is_named(tiny_llama, case: str) -> None:
     path, _ = tiny_llama()
-    rewrite_tensors(path, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight: tensor missing"):
-        load_hf_checkpoint(path)
-
-
-def test_unexpected_tensor_is_named(tiny_llama) -> None:
-    path, _ = tiny_llama()
-    rewrite_tensors(path, lambda t: t.update({"model.layers.0.extra.weight": np.zeros(3, np.float32)}))
-    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.extra\.weight: unexpected tensor"):
-        load_hf_checkpoint(path)
-
-
-def test_shape_mismatch_is_named(tiny_llama) -> None:
-    path, _ = tiny_llama()
-    rewrite_tensors(path, lambda t: t.update({"model.norm.weight": np.ones(63, np.float32)}))
-    with pytest.raises(CheckpointError, match=r"model\.norm\.weight: shape \(63,\)"):
-        load_hf_checkpoint(path)
-
-
-def test_non_float_dtype_is_named(tiny_llama) -> None:
-    path, _ = tiny_llama()
-    rewrite_tensors(path, lambda t: t.update({"model.norm.weight": np.ones(64, np.int32)}))
-    with pytest.raises(CheckpointError, match=r"model\.norm\.weight: dtype int32"):
+    edit, message = TENSOR_EDITS[case]
+    rewrite_tensors(path, edit)
+    with pytest.raises(CheckpointError, match=message):
         load_hf_checkpoint(path)
 
 
@@ -82,13 +79,6 @@ def test_unsupported_config_field_is_named(tiny_llama, field: str, value, messag
     path, _ = tiny_llama()
     edit_config(path, **{field: value})
     with pytest.raises(CheckpointError, match=r"config\.json: " + re.escape(message)):
-        load_hf_checkpoint(path)
-
-
-def test_unsupported_tensor_dtype_is_named(tiny_llama) -> None:
-    path, _ = tiny_llama()
-    rewrite_tensors(path, lambda t: t.update({"model.norm.weight": np.ones(64, np.int8)}))
-    with pytest.raises(CheckpointError, match=r"model\.norm\.weight: dtype I8 is not supported"):
         load_hf_checkpoint(path)
 
 
