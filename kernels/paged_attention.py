@@ -7,8 +7,9 @@ Layouts (the host pool's too, so that swaps are block copies):
 GQA of any ratio, softmax in fp32, scale 1/sqrt(D) unless given.
 
 `paged_decode_attention` lowers to the CUDA kernel (neo_jax.kernels._cuda, an XLA FFI custom call) when
-the program is compiled for a CUDA GPU and the kernel supports the shapes; to the gather-based reference
-everywhere else. To attend one layer of a stacked cache [L, N, ...] without copying the layer out, view it
+the program is compiled for a CUDA GPU and the kernel supports the shapes; on JAX's CPU backend to the CPU
+op of neo_jax.cpu_ops (the very kernel that attends host-resident requests in the pipeline, so a request's
+attention has the same bits wherever its KV lives); to the gather-based reference everywhere else. To attend one layer of a stacked cache [L, N, ...] without copying the layer out, view it
 as [L * N, ...] and offset the block tables by layer * N.
 """
 
@@ -21,6 +22,8 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from neo_jax.cpu_ops import jax_paged_decode_attention
 
 try:
     from neo_jax.kernels import _cuda
@@ -120,14 +123,16 @@ def _warn_fallback(reason: str) -> None:
 
 def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, block_tables: jax.Array,
                            context_lens: jax.Array, scale: float | None = None) -> jax.Array:
-    """The CUDA kernel in programs compiled for a CUDA GPU, the reference elsewhere or for shapes it lacks."""
+    """The CUDA kernel in programs compiled for a CUDA GPU, the CPU op on the CPU backend, the reference
+    elsewhere or for shapes the kernel lacks."""
     check_paged_attention_inputs(q, k_cache, v_cache, block_tables, context_lens)
     operands = (q, k_cache, v_cache, block_tables, context_lens)
     reference = functools.partial(paged_decode_attention_reference, scale=scale)
+    cpu_op = functools.partial(jax_paged_decode_attention, scale=scale)
     reason = cuda_kernel_unsupported_reason(q, k_cache)
     if reason is not None:
         if jax.default_backend() == "gpu":
             _warn_fallback(reason)
-        return reference(*operands)
+        return jax.lax.platform_dependent(*operands, cpu=cpu_op, default=reference)
     return jax.lax.platform_dependent(*operands, cuda=functools.partial(paged_decode_attention_cuda, scale=scale),
-                                      default=reference)
+                                      cpu=cpu_op, default=reference)

@@ -91,10 +91,10 @@ def custom_call_targets(platform: str, *inputs) -> list[str]:
 
 
 @pytest.mark.skipif(_cuda is None, reason="the CUDA extension was not built here")
-def test_dispatcher_lowers_to_the_kernel_for_cuda_only() -> None:
+def test_dispatcher_lowers_to_the_cuda_kernel_and_the_cpu_op() -> None:
     inputs = random_inputs()
     assert custom_call_targets("cuda", *inputs) == [FFI_TARGET]
-    assert custom_call_targets("cpu", *inputs) == []
+    assert custom_call_targets("cpu", *inputs) == ["neo_paged_decode_attention"]
 
 
 @pytest.mark.parametrize("head_dim, block_size, dtype, unsupported", [
