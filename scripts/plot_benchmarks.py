@@ -43,6 +43,11 @@ def policy_sort_key(policy: str) -> tuple[int, str]:
     return (POLICY_ORDER.index(policy) if policy in POLICY_ORDER else len(POLICY_ORDER), policy)
 
 
+def policy_color(policy: str) -> str:
+    """One color per policy in every figure."""
+    return f"C{policy_sort_key(policy)[0]}"
+
+
 def _bound(run: dict) -> float | None:
     return run.get("bandwidth_bound", {}).get("bound")
 
@@ -64,7 +69,7 @@ def plot_throughput(results: list[dict], path: pathlib.Path) -> pathlib.Path:
             x = s + (p - (len(policies) - 1) / 2) * width
             value = run["output_tokens_per_s"]
             tallest = max(tallest, value)
-            ax.bar(x, value, width, color=f"C{p}", label=None if policy in labeled else policy)
+            ax.bar(x, value, width, color=policy_color(policy), label=None if policy in labeled else policy)
             labeled.add(policy)
             baseline, bound = runs.get((scenario, BASELINE)), _bound(run)
             notes = []
@@ -78,7 +83,7 @@ def plot_throughput(results: list[dict], path: pathlib.Path) -> pathlib.Path:
     ax.set_ylim(0, tallest * 1.35)
     ax.set_xticks(range(len(scenarios)), scenarios, fontsize=8)
     ax.set_ylabel("output tokens/s")
-    ax.set_title("Offline throughput (black ticks: gpu-only x the run's bandwidth bound)")
+    ax.set_title("Offline throughput; black tick: gpu-only x the run's bandwidth bound", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -103,8 +108,7 @@ def plot_latency(curves: dict[str, dict[str, list[tuple[float, dict]]]], path: p
         for ax, (key, label) in zip(row, metrics):
             for policy in sorted(lines, key=policy_sort_key):
                 points = sorted((rate, run[key]) for rate, run in lines[policy] if key in run)
-                color = f"C{policy_sort_key(policy)[0]}"
-                ax.plot([r for r, _ in points], [v for _, v in points], "o-", color=color, label=policy)
+                ax.plot([r for r, _ in points], [v for _, v in points], "o-", color=policy_color(policy), label=policy)
             ax.set_xlabel("request rate (req/s)")
             ax.set_ylabel(label)
             ax.set_title(scenario, fontsize=9)
