@@ -4,13 +4,15 @@
 # scripts/benchmark_step.py: the greedy-token check on the tiny preset, decode batches 256/1/16/64 at context
 # 1024 (the batch-256 step also traced: device time per kernel), a 2048-token prefill.
 # Writes engine_step_h100.json and engine_step_log.txt into $OUT, besides gpu_attention.sh's files.
-# STEP_TIMEOUT: seconds for the step benchmark (0 skips it); STEP_ARGS: more arguments for it; the variables
-# of gpu_attention.sh pass through, and this script's arguments go to bench_gpu_attention.py.
+# STEP_TIMEOUT: seconds for the step benchmark (0 skips it; default 240, or what is left of DEADLINE_S seconds
+# from this script's start); STEP_ARGS: more arguments for it; the variables of gpu_attention.sh pass through,
+# and this script's arguments go to bench_gpu_attention.py.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export OUT=${OUT:-/tmp/gpu_figures}
 mkdir -p "$OUT"
 bash scripts/device/gpu_attention.sh "$@"
+if [ -n "${DEADLINE_S:-}" ]; then STEP_TIMEOUT=${STEP_TIMEOUT:-$(( DEADLINE_S > SECONDS ? DEADLINE_S - SECONDS : 0 ))}; fi
 if [ "${STEP_TIMEOUT:-240}" != 0 ]; then
   {
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 PYTHONUNBUFFERED=1 timeout "${STEP_TIMEOUT:-240}" \
