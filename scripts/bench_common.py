@@ -118,8 +118,9 @@ def machine_info() -> dict[str, Any]:
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
 
 
-def write_json(path: str | None, results: dict[str, Any]) -> None:
-    print(json.dumps(results, indent=2))
+def write_json(path: str | None, results: dict[str, Any], echo: bool = True) -> None:
+    if echo:
+        print(json.dumps(results, indent=2))
     if path:
         with open(path, "w") as f:
             json.dump(results, f, indent=2)

@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     prompts = random_prompts(input_lens, engine.model_config.vocab_size, rng)
     host_gb_per_s = host_read_gb_per_s(args.bandwidth_probe_mb)
     runs = []
+    results = {"benchmark": "serving", "scenario": scenario_name(args), "policy": args.policy,
+               "machine": machine_info(), "args": vars(args), **pool_sizes(engine), "runs": runs}
     for rate in args.request_rate:
         arrivals = poisson_arrivals(args.num_prompts, rate, np.random.default_rng(args.seed))
         serve(engine, prompts, output_lens, arrivals)
@@ -84,8 +86,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{runs[-1]['output_throughput']:.1f} output tokens/s, "
               f"p99 TPOT {runs[-1].get('p99_tpot_ms', float('nan')):.1f} ms; "
               f"{format_bound(runs[-1]['bandwidth_bound']['bound'])}")
-    write_json(args.output_json, {"benchmark": "serving", "scenario": scenario_name(args), "policy": args.policy,
-                                  "machine": machine_info(), "args": vars(args), **pool_sizes(engine), "runs": runs})
+        write_json(args.output_json, results, echo=False)  # a sweep cut short keeps the rates it finished
+    write_json(args.output_json, results)
 
 
 if __name__ == "__main__":
