@@ -47,11 +47,12 @@ def median_seconds(run: Callable[[], object], repeats: int) -> float:
     return float(np.median(times))
 
 
-def seconds_per_iteration(body: Callable[[jax.Array], jax.Array], carry: jax.Array, iterations: int,
+def seconds_per_iteration(body: Callable[..., jax.Array], carry: jax.Array, operands: tuple, iterations: int,
                           repeats: int) -> float:
-    """Time of one `body(carry) -> carry` call, from a jitted loop of `iterations` calls."""
-    loop = jax.jit(lambda c: jax.lax.fori_loop(0, iterations, lambda _, x: body(x), c))
-    return median_seconds(lambda: loop(carry).block_until_ready(), repeats) / iterations
+    """Time of one `body(carry, *operands) -> carry` call, from a jitted loop of `iterations` calls. The operands
+    (weights, caches) are arguments, not constants folded into the program."""
+    loop = jax.jit(lambda c, ops: jax.lax.fori_loop(0, iterations, lambda _, x: body(x, *ops), c))
+    return median_seconds(lambda: loop(carry, operands).block_until_ready(), repeats) / iterations
 
 
 def one_layer_params(config: ModelConfig) -> dict:
@@ -63,12 +64,12 @@ def measure_linear(config: ModelConfig, params: dict, num_tokens: int, iteration
     """Norms, projections and MLP of one layer over `num_tokens` tokens (q stands in for attention's output)."""
     positions = jnp.arange(num_tokens, dtype=jnp.int32)
 
-    def layer(hidden: jax.Array) -> jax.Array:
-        q, _, _ = pre_attention(params, config, hidden, positions)
-        return post_attention(params, config, hidden, q)
+    def layer(hidden: jax.Array, layer_params: dict) -> jax.Array:
+        q, _, _ = pre_attention(layer_params, config, hidden, positions)
+        return post_attention(layer_params, config, hidden, q)
 
     hidden = jax.random.normal(jax.random.key(1), (num_tokens, config.hidden_size), config.dtype)
-    return seconds_per_iteration(layer, hidden, iterations, repeats)
+    return seconds_per_iteration(layer, hidden, (params,), iterations, repeats)
 
 
 def measure_prefill_attention(config: ModelConfig, num_tokens: int, block_size: int, iterations: int,
@@ -84,9 +85,9 @@ def measure_prefill_attention(config: ModelConfig, num_tokens: int, block_size: 
                       decode_block_tables=jnp.zeros((0, 1), jnp.int32), decode_context_lens=jnp.zeros((0,), jnp.int32),
                       prefill_request_ids=zeros, context_slots=tokens, context_request_ids=zeros,
                       context_positions=tokens, sample_indices=jnp.zeros((1,), jnp.int32))
-    body = lambda q: prefill_attention(q, k_blocks, v_blocks, batch, jnp.int32(0))
+    body = lambda q, k, v, b: prefill_attention(q, k, v, b, jnp.int32(0))
     q = jax.random.normal(jax.random.key(4), (num_tokens, config.num_heads, config.head_dim), config.dtype)
-    return seconds_per_iteration(body, q, iterations, repeats)
+    return seconds_per_iteration(body, q, (k_blocks, v_blocks, batch), iterations, repeats)
 
 
 def measure_gpu_decode_attention(config: ModelConfig, num_requests: int, context_len: int, block_size: int,
@@ -98,9 +99,8 @@ def measure_gpu_decode_attention(config: ModelConfig, num_requests: int, context
     v_cache = jax.random.normal(jax.random.key(6), cache_shape, config.dtype)
     tables = jnp.arange(num_requests * blocks_per_request, dtype=jnp.int32).reshape(num_requests, -1)
     lens = jnp.full((num_requests,), context_len, jnp.int32)
-    body = lambda q: paged_decode_attention(q, k_cache, v_cache, tables, lens)
     q = jax.random.normal(jax.random.key(7), (num_requests, config.num_heads, config.head_dim), config.dtype)
-    return seconds_per_iteration(body, q, iterations, repeats)
+    return seconds_per_iteration(paged_decode_attention, q, (k_cache, v_cache, tables, lens), iterations, repeats)
 
 
 def measure_cpu_decode_attention(config: ModelConfig, k_cache: np.ndarray, v_cache: np.ndarray,
@@ -131,8 +131,8 @@ def measure_handoff(config: ModelConfig, pool: HostKvPool, num_requests: int, it
 
     without_handoff = lambda q: (q + q) * 0.5
     q = jnp.full((num_requests, config.num_heads, config.head_dim), 0.01, config.dtype)
-    with_s = seconds_per_iteration(with_handoff, q, iterations, repeats)
-    return max(0.0, with_s - seconds_per_iteration(without_handoff, q, iterations, repeats))
+    with_s = seconds_per_iteration(with_handoff, q, (), iterations, repeats)
+    return max(0.0, with_s - seconds_per_iteration(without_handoff, q, (), iterations, repeats))
 
 
 def grids(quick: bool, context_len: int) -> dict[str, list[int]]:
