@@ -7,7 +7,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -18,8 +17,8 @@ import numpy as np
 
 from neo_jax.benchmark_metrics import bandwidth_bound, kv_bytes_per_token
 from neo_jax.config import EngineConfig
-from neo_jax.cost_model import DTYPE_BYTES
-from neo_jax.cpu_ops import read_bandwidth_probe
+from neo_jax.cost_model import DTYPE_BYTES, MachineId
+from neo_jax.cpu_ops import cpu_isa, num_threads, read_bandwidth_probe
 from neo_jax.engine import LLMEngine
 from neo_jax.sequence import Request
 
@@ -101,20 +100,17 @@ def pool_sizes(engine: LLMEngine) -> dict[str, int]:
 
 
 def machine_info() -> dict[str, Any]:
-    """The accelerator, the host CPU and the commit, for the JSON of every benchmark."""
-    cpu_model = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                             cpu_model)
+    """The accelerator, the host CPU (as the cost tables name it) and the commit, for the JSON of every benchmark."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     device = jax.devices()[0]
+    machine = MachineId.current(device.device_kind)
     return {"device": f"{device.platform}:{device.device_kind}", "num_devices": jax.device_count(),
-            "cpu": cpu_model, "cpu_count": os.cpu_count(), "jax": jax.__version__, "commit": commit,
+            "cpu": machine.cpu_model, "cpu_count": machine.cpu_count, "cpu_isa": cpu_isa(),
+            "cpu_attention_threads": num_threads(), "jax": jax.__version__, "commit": commit,
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
 
 
