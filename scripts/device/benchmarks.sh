@@ -12,7 +12,7 @@
 # call wrote are packed into $OUT/benchmarks/results.tar.gz (the device tool returns at most 8 files), so a
 # stopped run keeps what it finished. The plots of everything in benchmarks/results/ (earlier calls' committed
 # JSON included) and the log go to $OUT/benchmarks/. Unpack with: tar -xzf results.tar.gz (from the repo root).
-#   bash scripts/device/benchmarks.sh a        # then: ... d b   and   ... c   in later calls
+#   bash scripts/device/benchmarks.sh a        # then d, b and c, each in a call of its own
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 SCENARIOS=("${@:-a d b c}")
@@ -99,8 +99,8 @@ run() {
   for id in "${SCENARIOS[@]}"; do
     case $id in
       a) run a llama-3-8b "(a) 8B, GPU KV 1.5 GiB" "--gpu-kv-cache-gb 1.5" 64 24 16 "1.5 3" ;;
-      d) run d llama-3-8b "(d) 8B, GPU KV plenty" "" 200 32 48 "4 8 16" ;;
-      b) run b llama-3-8b "(b) 8B, GPU KV 5 GiB" "--gpu-kv-cache-gb 5" 96 32 24 "2 4 8" ;;
+      d) run d llama-3-8b "(d) 8B, GPU KV plenty" "" 200 32 32 "4 12" ;;
+      b) run b llama-3-8b "(b) 8B, GPU KV 5 GiB" "--gpu-kv-cache-gb 5" 96 32 24 "2 6" ;;
       # The 34B's weights need nearly all of the GPU: let JAX take more of it, and the engine all of that.
       c) XLA_PYTHON_CLIENT_MEM_FRACTION=0.96 run c llama-34b "(c) 34B, default memory" \
            "--gpu-memory-utilization 0.98" 48 16 16 "1 2" ;;
