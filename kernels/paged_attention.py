@@ -15,6 +15,7 @@ as [L * N, ...] and offset the block tables by layer * N.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -34,6 +35,12 @@ FFI_TARGET = "neo_jax_paged_decode_attention"
 CUDA_HEAD_DIMS = (64, 128)
 CUDA_BLOCK_SIZES = (16, 32)
 CUDA_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+# The kernel's limits (kernels/cuda/paged_attention_kernels.cuh): tokens of one split, query heads of one CTA,
+# warps of one CTA; and the resident CTAs per multiprocessor that the split count aims at.
+CUDA_MAX_PARTITION_TOKENS = 512
+CUDA_MAX_GROUP_TILE = 8
+CUDA_NUM_WARPS = 4
+CUDA_TARGET_CTAS_PER_SM = 4
 
 if _cuda is not None:
     jax.ffi.register_ffi_target(FFI_TARGET, _cuda.paged_decode_attention_handler(), platform="CUDA")
@@ -98,6 +105,41 @@ def cuda_kernel_unsupported_reason(q: jax.Array, k_cache: jax.Array) -> str | No
     return None
 
 
+@functools.cache
+def gpu_multiprocessor_count() -> int:
+    """Multiprocessors of the first CUDA GPU; an H100's 132 where there is none (programs lowered for CUDA on a
+    machine without a GPU never run)."""
+    try:
+        return jax.devices("cuda")[0].core_count
+    except (RuntimeError, AttributeError):
+        return 132
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaLaunch:
+    """How the kernel covers a call: query heads per CTA, KV blocks per split-K partition, partitions."""
+
+    group_tile: int
+    partition_blocks: int
+    num_splits: int
+
+
+def cuda_launch(batch: int, num_heads: int, num_kv_heads: int, block_size: int, max_blocks: int,
+                partition_blocks: int = 0, num_multiprocessors: int | None = None) -> CudaLaunch:
+    """The launch for these shapes. partition_blocks 0: enough splits for CUDA_TARGET_CTAS_PER_SM CTAs per
+    multiprocessor, at least one block per warp; at most CUDA_MAX_PARTITION_TOKENS tokens either way."""
+    group_size = num_heads // num_kv_heads
+    group_tile = min(1 << (group_size - 1).bit_length(), CUDA_MAX_GROUP_TILE)
+    largest = CUDA_MAX_PARTITION_TOKENS // block_size
+    if partition_blocks <= 0:
+        base_ctas = batch * num_kv_heads * -(-group_size // group_tile)
+        sms = gpu_multiprocessor_count() if num_multiprocessors is None else num_multiprocessors
+        wanted_splits = -(-sms * CUDA_TARGET_CTAS_PER_SM // max(base_ctas, 1))
+        partition_blocks = max(-(-max_blocks // wanted_splits), min(CUDA_NUM_WARPS, max_blocks))
+    partition_blocks = min(partition_blocks, largest)
+    return CudaLaunch(group_tile, partition_blocks, -(-max_blocks // partition_blocks))
+
+
 def paged_decode_attention_cuda(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, block_tables: jax.Array,
                                 context_lens: jax.Array, scale: float | None = None,
                                 partition_blocks: int = 0) -> jax.Array:
@@ -110,9 +152,17 @@ def paged_decode_attention_cuda(q: jax.Array, k_cache: jax.Array, v_cache: jax.A
     if partition_blocks < 0:
         raise ValueError(f"partition_blocks must be >= 0, got {partition_blocks}")
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
-    call = jax.ffi.ffi_call(FFI_TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype))
-    return call(q, k_cache, v_cache, block_tables, context_lens, scale=np.float32(scale),
-                partition_blocks=np.int32(partition_blocks))
+    batch, num_heads, head_dim = q.shape
+    launch = cuda_launch(batch, num_heads, k_cache.shape[1], k_cache.shape[2], block_tables.shape[1],
+                         partition_blocks)
+    split_rows = batch * num_heads * launch.num_splits if launch.num_splits > 1 else 0
+    results = (jax.ShapeDtypeStruct(q.shape, q.dtype),
+               jax.ShapeDtypeStruct((max(split_rows * head_dim, 1),), jnp.float32),  # split-K partial outputs
+               jax.ShapeDtypeStruct((max(split_rows, 1),), jnp.float32))  # and their log-sum-exps
+    out, _, _ = jax.ffi.ffi_call(FFI_TARGET, results)(
+        q, k_cache, v_cache, block_tables, context_lens, scale=np.float32(scale),
+        partition_blocks=np.int32(launch.partition_blocks), group_tile=np.int32(launch.group_tile))
+    return out
 
 
 @functools.cache
