@@ -51,6 +51,7 @@ def test_serving_reports_each_rate_with_its_bound(results):
 
 
 def test_plots_from_the_benchmark_json(results, load_script, tmp_path):
+    pytest.importorskip("matplotlib", reason="the bench extra of pyproject.toml")
     inputs = tmp_path / "in"
     inputs.mkdir()
     for name, result in results.items():
@@ -65,6 +66,7 @@ def test_plots_from_the_benchmark_json(results, load_script, tmp_path):
 
 
 def test_plot_rejects_results_without_scenario(load_script, tmp_path):
+    pytest.importorskip("matplotlib", reason="the bench extra of pyproject.toml")
     (tmp_path / "old.json").write_text(json.dumps({"benchmark": "throughput", "output_tokens_per_s": 1.0}))
     with pytest.raises(ValueError, match="old.json: a throughput result without 'scenario'"):
         load_script("plot_benchmarks").main([str(tmp_path)])
