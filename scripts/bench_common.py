@@ -66,18 +66,18 @@ def host_read_gb_per_s(probe_mb: int) -> float:
 
 
 class StepMeter:
-    """Steps an engine, summing the wall time spent inside `engine.step()` and the scheduler's counters
-    from the moment the meter was made."""
+    """Steps an engine, keeping the wall time of each `engine.step()` and the scheduler's counters from the
+    moment the meter was made."""
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self.step_seconds = 0.0
+        self.step_times: list[float] = []
         self._start = dataclasses.asdict(engine.scheduler.stats)
 
     def step(self) -> list[Request]:
         start = time.perf_counter()
         finished = self.engine.step()
-        self.step_seconds += time.perf_counter() - start
+        self.step_times.append(time.perf_counter() - start)
         return finished
 
     def counters(self) -> dict[str, int]:
@@ -85,13 +85,15 @@ class StepMeter:
         return {name: now[name] - self._start[name] for name in now}
 
     def bound(self, host_gb_per_s: float) -> dict[str, Any]:
-        """The run's counters and its bandwidth bound on the gain over GPU-only (benchmark_metrics)."""
+        """The run's counters and its bandwidth bound on the gain over GPU-only (benchmark_metrics), with the
+        median and longest step (a longest step far above the median is an XLA compile inside the run)."""
         counters, config = self.counters(), self.engine.model_config
         per_token = kv_bytes_per_token(config.num_layers, config.num_kv_heads, config.head_dim,
                                        DTYPE_BYTES[config.dtype])
-        return {"counters": counters, **bandwidth_bound(host_gb_per_s * 1e9, self.step_seconds, counters["num_steps"],
-                                                        counters["gpu_kv_tokens_read"], counters["cpu_kv_tokens_read"],
-                                                        per_token)}
+        bound = bandwidth_bound(host_gb_per_s * 1e9, sum(self.step_times), counters["num_steps"],
+                                counters["gpu_kv_tokens_read"], counters["cpu_kv_tokens_read"], per_token)
+        return {"counters": counters, **bound, "median_step_ms": 1000.0 * float(np.median(self.step_times)),
+                "max_step_ms": 1000.0 * max(self.step_times)}
 
 
 def pool_sizes(engine: LLMEngine) -> dict[str, int]:

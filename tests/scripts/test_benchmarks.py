@@ -30,6 +30,8 @@ def check_bound(bound: dict, num_steps: int) -> None:
     assert bound["host_read_gb_per_s"] > 0 and bound["cpu_read_fraction"] == 0.0
     host_mb_per_step = bound["host_read_gb_per_s"] * 1e3 * bound["mean_step_ms"] / 1e3
     assert bound["bound"] == pytest.approx(1 + host_mb_per_step / bound["gpu_kv_mb_per_step"])
+    assert 0 < bound["median_step_ms"] <= bound["max_step_ms"]
+    assert bound["mean_step_ms"] <= bound["max_step_ms"]
 
 
 def test_throughput_counts_only_the_timed_pass(results, capsys):
