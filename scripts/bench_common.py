@@ -42,14 +42,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-json", default=None, help="write the results here")
 
 
-def engine_from_args(args: argparse.Namespace, **overrides: Any) -> LLMEngine:
-    options = dict(model=args.model, dtype=args.dtype, policy=args.policy, max_model_len=args.max_model_len,
-                   gpu_kv_cache_gb=args.gpu_kv_cache_gb, gpu_memory_utilization=args.gpu_memory_utilization,
-                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                   cpu_kv_cache_gb=args.cpu_kv_cache_gb, cost_table=args.cost_table, block_size=args.block_size,
-                   seed=args.seed)
-    options.update(overrides)
-    return LLMEngine(EngineConfig(**options))
+def engine_from_args(args: argparse.Namespace) -> LLMEngine:
+    return LLMEngine(EngineConfig(
+        model=args.model, dtype=args.dtype, policy=args.policy, max_model_len=args.max_model_len,
+        gpu_kv_cache_gb=args.gpu_kv_cache_gb, gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        cpu_kv_cache_gb=args.cpu_kv_cache_gb, cost_table=args.cost_table, block_size=args.block_size, seed=args.seed))
 
 
 def scenario_name(args: argparse.Namespace) -> str:
