@@ -20,7 +20,7 @@ echo "$smoke" > /tmp/cpu_ops_smoke.py
 {
   lscpu | grep -E "Model name|^CPU\(s\)|Thread|NUMA node\(s\)|L3"
   uname -r; cat /sys/kernel/mm/transparent_hugepage/enabled
-  install() { python3 -m pip install -q -e . --no-deps --no-build-isolation "$@" 2>&1 | grep -v "is ignored"; }
+  install() { python3 -m pip install -q -e . --no-deps --no-build-isolation "$@" 2>&1 | { grep -v "is ignored" || true; }; }
   # Without the CUDA kernels (CMake finds no CUDA compiler) if the full build fails.
   time install || CUDACXX=/bin/false install --config-settings=build-dir=build/cpu_only || exit 1
   so=$(ls build/*/cpu_ops/_C*.so | head -1)
