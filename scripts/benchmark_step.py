@@ -14,6 +14,7 @@ import argparse
 import collections
 import dataclasses
 import glob
+import os
 import tempfile
 import time
 from typing import Any
@@ -165,8 +166,9 @@ def main() -> None:
     parser.add_argument("--output-json")
     args = parser.parse_args()
 
-    results: dict[str, Any] = {"machine": machine_info(), "model": args.model, "dtype": args.dtype,
-                               "context": args.context, "block_size": args.block_size}
+    results: dict[str, Any] = {"machine": machine_info(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                               "model": args.model, "dtype": args.dtype, "context": args.context,
+                               "block_size": args.block_size}
     if args.check:
         results["check"] = check_against_forward()
         write_json(args.output_json, results)

@@ -12,6 +12,18 @@ cd "$(dirname "$0")/../.."
 export OUT=${OUT:-/tmp/gpu_figures}
 mkdir -p "$OUT"
 bash scripts/device/gpu_attention.sh "$@"
+# STEP_XLA_VARIANTS: '|'-separated XLA_FLAGS values; for each, the batch-256 decode step alone (traced) goes to
+# engine_step_variant_<n>.json, before the main run (VARIANT_TIMEOUT seconds each).
+IFS='|' read -ra variants <<< "${STEP_XLA_VARIANTS:-}"
+for n in "${!variants[@]}"; do
+  {
+    echo "variant $n: XLA_FLAGS=${variants[n]}"
+    XLA_FLAGS="${variants[n]}" XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 PYTHONUNBUFFERED=1 timeout "${VARIANT_TIMEOUT:-60}" \
+      python3 scripts/benchmark_step.py --batch-sizes 256 --prefill-len 0 --profile-batch 256 --iters 5 \
+      --output-json "$OUT/engine_step_variant_$n.json" > /dev/null
+    echo "variant $n exit code $?"
+  } 2>&1 | tee -a "$OUT/engine_step_log.txt"
+done
 if [ -n "${DEADLINE_S:-}" ]; then STEP_TIMEOUT=${STEP_TIMEOUT:-$(( DEADLINE_S > SECONDS ? DEADLINE_S - SECONDS : 0 ))}; fi
 if [ "${STEP_TIMEOUT:-240}" != 0 ]; then
   {
@@ -19,5 +31,5 @@ if [ "${STEP_TIMEOUT:-240}" != 0 ]; then
       python3 scripts/benchmark_step.py --check --profile-batch 256 --output-json "$OUT/engine_step_h100.json" \
       ${STEP_ARGS:-}
     echo "step benchmark exit code $?"
-  } 2>&1 | tee "$OUT/engine_step_log.txt"
+  } 2>&1 | tee -a "$OUT/engine_step_log.txt"
 fi
