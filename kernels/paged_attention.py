@@ -36,11 +36,14 @@ CUDA_HEAD_DIMS = (64, 128)
 CUDA_BLOCK_SIZES = (16, 32)
 CUDA_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 # The kernel's limits (kernels/cuda/paged_attention_kernels.cuh): tokens of one split, query heads of one CTA,
-# warps of one CTA; and the resident CTAs per multiprocessor that the split count aims at.
+# warps of one CTA. The automatic launch aims at CUDA_TARGET_CTAS_PER_SM CTAs per multiprocessor with splits of
+# at most CUDA_AUTO_PARTITION_TOKENS: 256-token splits were the fastest at batch 16, 64 and 256 x 1024 on the
+# H100 (benchmarks/results/gpu_attention_h100.md).
 CUDA_MAX_PARTITION_TOKENS = 512
 CUDA_MAX_GROUP_TILE = 8
 CUDA_NUM_WARPS = 4
 CUDA_TARGET_CTAS_PER_SM = 4
+CUDA_AUTO_PARTITION_TOKENS = 256
 
 if _cuda is not None:
     jax.ffi.register_ffi_target(FFI_TARGET, _cuda.paged_decode_attention_handler(), platform="CUDA")
@@ -127,16 +130,18 @@ class CudaLaunch:
 def cuda_launch(batch: int, num_heads: int, num_kv_heads: int, block_size: int, max_blocks: int,
                 partition_blocks: int = 0, num_multiprocessors: int | None = None) -> CudaLaunch:
     """The launch for these shapes. partition_blocks 0: enough splits for CUDA_TARGET_CTAS_PER_SM CTAs per
-    multiprocessor, at least one block per warp; at most CUDA_MAX_PARTITION_TOKENS tokens either way."""
+    multiprocessor, in whole blocks per warp (a 13-block split left 3 warps idle a quarter of the time), at most
+    CUDA_AUTO_PARTITION_TOKENS; at most CUDA_MAX_PARTITION_TOKENS tokens either way."""
     group_size = num_heads // num_kv_heads
     group_tile = min(1 << (group_size - 1).bit_length(), CUDA_MAX_GROUP_TILE)
-    largest = CUDA_MAX_PARTITION_TOKENS // block_size
     if partition_blocks <= 0:
         base_ctas = batch * num_kv_heads * -(-group_size // group_tile)
         sms = gpu_multiprocessor_count() if num_multiprocessors is None else num_multiprocessors
         wanted_splits = -(-sms * CUDA_TARGET_CTAS_PER_SM // max(base_ctas, 1))
-        partition_blocks = max(-(-max_blocks // wanted_splits), min(CUDA_NUM_WARPS, max_blocks))
-    partition_blocks = min(partition_blocks, largest)
+        per_warp = -(-max_blocks // (wanted_splits * CUDA_NUM_WARPS))
+        partition_blocks = min(per_warp * CUDA_NUM_WARPS, max(CUDA_AUTO_PARTITION_TOKENS // block_size, 1),
+                               max_blocks)
+    partition_blocks = min(partition_blocks, CUDA_MAX_PARTITION_TOKENS // block_size)
     return CudaLaunch(group_tile, partition_blocks, -(-max_blocks // partition_blocks))
 
 

@@ -46,11 +46,21 @@ def prefill_attention(q: jax.Array, k_blocks: jax.Array, v_blocks: jax.Array, ba
     request at positions up to its own. Queries go in tiles that keep the fp32 scores under
     ATTENTION_SCORES_BYTES.
     """
+    k_context, v_context = read_slots(k_blocks, v_blocks, batch.context_slots, block_offset)
+    return attend_context(q, k_context, v_context, batch)
+
+
+def read_slots(k_blocks: jax.Array, v_blocks: jax.Array, slots: jax.Array,
+               block_offset: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The K and V rows [S, Hkv, Dh] at slots int32[S] of one layer; the caches are [L * N, Hkv, bs, Dh]."""
     block_size = k_blocks.shape[2]
-    context_blocks = batch.context_slots // block_size + block_offset
-    context_offsets = batch.context_slots % block_size
-    k_context = k_blocks[context_blocks, :, context_offsets, :]
-    v_context = v_blocks[context_blocks, :, context_offsets, :]
+    blocks = slots // block_size + block_offset
+    offsets = slots % block_size
+    return k_blocks[blocks, :, offsets, :], v_blocks[blocks, :, offsets, :]
+
+
+def attend_context(q: jax.Array, k_context: jax.Array, v_context: jax.Array, batch: StepBatch) -> jax.Array:
+    """Prefill tokens q [P, Hq, Dh] over the step's gathered context k/v [S, Hkv, Dh] -> [P, Hq, Dh]."""
     query_positions = batch.positions[batch.num_decodes:]
     num_queries, num_heads, head_dim = q.shape
     tile = num_queries

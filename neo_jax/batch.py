@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -71,14 +72,29 @@ def slots_of(block_table: list[int], positions: np.ndarray, block_size: int) -> 
     return np.asarray(block_table, np.int32)[positions // block_size] * block_size + positions % block_size
 
 
+def split_chunks(chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], list[ScheduledChunk]]:
+    """The decode rows (one-token chunks) and the prefill chunks of a step, each in schedule order."""
+    return [c for c in chunks if c.num_tokens == 1], [c for c in chunks if c.num_tokens > 1]
+
+
+def prefill_spans(prefills: list[ScheduledChunk], num_decode_rows: int) -> Iterator[tuple[ScheduledChunk, slice, slice]]:
+    """Each prefill chunk with its tokens' slice of the step's flat tokens and its context's slice of the
+    gathered context (its request's tokens from 0 to the chunk's end)."""
+    token_offset, context_offset = num_decode_rows, 0
+    for chunk in prefills:
+        end = chunk.start + chunk.num_tokens
+        yield (chunk, slice(token_offset, token_offset + chunk.num_tokens),
+               slice(context_offset, context_offset + end))
+        token_offset, context_offset = token_offset + chunk.num_tokens, context_offset + end
+
+
 def pack_step(chunks: list[ScheduledChunk], block_size: int,
               buckets: StepBuckets) -> tuple[StepBatch, list[Request | None]]:
     """The padded batch of a step, and the request whose next token each sampled row gives (None: discard).
 
     Row i < B samples decode row i; row B + j samples the last token of the j-th prefill chunk.
     """
-    decodes = [c for c in chunks if c.num_tokens == 1]
-    prefills = [c for c in chunks if c.num_tokens > 1]
+    decodes, prefills = split_chunks(chunks)
     num_decode_rows = bucket(len(decodes), buckets.num_seqs)
     num_prefill_tokens = bucket(sum(c.num_tokens for c in prefills), buckets.num_tokens)
     num_context = buckets.num_context(sum(c.start + c.num_tokens for c in prefills), num_prefill_tokens)
@@ -107,19 +123,15 @@ def pack_step(chunks: list[ScheduledChunk], block_size: int,
     context_slots = np.zeros(num_context, np.int32)
     context_request_ids = np.full(num_context, PAD_CONTEXT_REQUEST, np.int32)
     context_positions = np.zeros(num_context, np.int32)
-    token_offset, context_offset = num_decode_rows, 0
-    for index, chunk in enumerate(prefills):
+    for index, (chunk, chunk_slice, context_slice) in enumerate(prefill_spans(prefills, num_decode_rows)):
         request, end = chunk.request, chunk.start + chunk.num_tokens
-        chunk_slice = slice(token_offset, token_offset + chunk.num_tokens)
         token_ids[chunk_slice] = request.all_token_ids[chunk.start:end]
         positions[chunk_slice] = np.arange(chunk.start, end)
         slot_mapping[chunk_slice] = slots_of(request.block_table, positions[chunk_slice], block_size)
         prefill_request_ids[chunk_slice.start - num_decode_rows:chunk_slice.stop - num_decode_rows] = index
-        context_slice = slice(context_offset, context_offset + end)
         context_slots[context_slice] = slots_of(request.block_table, np.arange(end), block_size)
         context_request_ids[context_slice] = index
         context_positions[context_slice] = np.arange(end)
-        token_offset, context_offset = chunk_slice.stop, context_slice.stop
         sample_indices[num_decode_rows + index] = chunk_slice.stop - 1
         sampled_requests[num_decode_rows + index] = request if chunk.samples else None
 

@@ -32,8 +32,8 @@ def layer_attention(q: jax.Array, k_blocks: jax.Array, v_blocks: jax.Array, batc
 
 
 def model_step(params: llama.Params, kv_cache: KVCache, batch: StepBatch, sampling: SamplingBatch,
-               config: ModelConfig) -> tuple[KVCache, jax.Array]:
-    """Runs the batch through the model, updating the cache; returns it and the sampled tokens int32[R]."""
+               config: ModelConfig) -> tuple[KVCache, jax.Array, jax.Array]:
+    """Runs the batch through the model, updating the cache; the cache, tokens int32[R], logits float32[R, V]."""
     num_layers, num_blocks = kv_cache.k.shape[:2]
     cache_shape = kv_cache.k.shape
     k_blocks = kv_cache.k.reshape(num_layers * num_blocks, *cache_shape[2:])
@@ -54,4 +54,4 @@ def model_step(params: llama.Params, kv_cache: KVCache, batch: StepBatch, sampli
                                                    (params["layers"], layer_indices))
     logits = llama.final_logits(params, config, hidden[batch.sample_indices])
     tokens = sample(logits, sampling)
-    return KVCache(k=k_blocks.reshape(cache_shape), v=v_blocks.reshape(cache_shape)), tokens
+    return KVCache(k=k_blocks.reshape(cache_shape), v=v_blocks.reshape(cache_shape)), tokens, logits

@@ -126,8 +126,9 @@ def test_mixed_dtypes_take_the_reference() -> None:
 
 @pytest.mark.parametrize("batch, num_heads, block_size, max_blocks, partition_blocks, expected", [
     (1, 32, 16, 64, 0, CudaLaunch(group_tile=4, partition_blocks=4, num_splits=16)),  # split to fill the SMs
-    (256, 32, 16, 64, 0, CudaLaunch(group_tile=4, partition_blocks=32, num_splits=2)),  # capped at 512 tokens
-    (256, 32, 32, 64, 0, CudaLaunch(group_tile=4, partition_blocks=16, num_splits=4)),
+    (16, 32, 16, 64, 0, CudaLaunch(group_tile=4, partition_blocks=16, num_splits=4)),  # 13 rounded up to 4 warps
+    (256, 32, 16, 64, 0, CudaLaunch(group_tile=4, partition_blocks=16, num_splits=4)),  # capped at 256 tokens
+    (256, 32, 32, 64, 0, CudaLaunch(group_tile=4, partition_blocks=8, num_splits=8)),
     (4, 8, 16, 3, 0, CudaLaunch(group_tile=1, partition_blocks=3, num_splits=1)),  # fewer blocks than warps
     (2, 24, 16, 100, 7, CudaLaunch(group_tile=4, partition_blocks=7, num_splits=15)),  # group 3 in a tile of 4
     (2, 96, 16, 100, 64, CudaLaunch(group_tile=8, partition_blocks=32, num_splits=4)),  # group 12: two tiles
