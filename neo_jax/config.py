@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from neo_jax.models.config import SUPPORTED_DTYPES, ModelConfig
+from neo_jax.neo_policy import POLICIES
 
-POLICIES = ("gpu-only",)
 MIN_TOKEN_BUCKET = 16
 # Decode rows with short contexts share one block-table width (a few padded blocks cost little).
 MIN_TABLE_BUCKET = 8
@@ -21,6 +21,12 @@ class EngineConfig:
     XLA_PYTHON_CLIENT_MEM_FRACTION) minus what is in use and an activation reserve, capped by
     `gpu_kv_cache_gb` (GiB, lets benchmarks emulate a smaller GPU). Never more blocks than `max_num_seqs`
     requests of `max_model_len` tokens can fill.
+
+    Policies: "gpu-only" (one batch, GPU pool only), "cpu-all" (every decode attends on the CPU over the host
+    pool) and "neo" (load-aware CPU offloading). The offload policies add a host pool: `num_cpu_blocks`
+    (tests), else `cpu_kv_cache_gb` GiB, else half the available host memory (no more than the requests can
+    fill). They schedule with the cost table at `cost_table` (a JSON file from scripts/profile.py), else the
+    table found for this model and machine, else a first-principles estimate.
     """
 
     model: str
@@ -33,6 +39,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
     policy: str = "gpu-only"
+    cpu_kv_cache_gb: float | None = None
+    num_cpu_blocks: int | None = None
+    cost_table: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -41,7 +50,7 @@ class EngineConfig:
         if self.policy not in POLICIES:
             raise ValueError(f"policy: {self.policy!r} is not available; choose one of {POLICIES}")
         positive = ("block_size", "max_num_batched_tokens", "max_num_seqs")
-        for field in positive + ("max_model_len", "num_gpu_blocks"):
+        for field in positive + ("max_model_len", "num_gpu_blocks", "num_cpu_blocks"):
             value = getattr(self, field)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ValueError(f"{field}: must be a positive integer, got {value!r}")
@@ -49,12 +58,21 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.gpu_kv_cache_gb is not None and self.gpu_kv_cache_gb <= 0:
             raise ValueError(f"gpu_kv_cache_gb: must be positive, got {self.gpu_kv_cache_gb}")
+        if self.cpu_kv_cache_gb is not None and self.cpu_kv_cache_gb <= 0:
+            raise ValueError(f"cpu_kv_cache_gb: must be positive, got {self.cpu_kv_cache_gb}")
+        if self.num_cpu_blocks is not None and self.num_cpu_blocks < 2:
+            raise ValueError(f"num_cpu_blocks: must be >= 2 (block 0 is scratch), got {self.num_cpu_blocks}")
         if self.num_gpu_blocks is not None and self.num_gpu_blocks < 2:
             raise ValueError(f"num_gpu_blocks: must be >= 2 (block 0 is scratch), got {self.num_gpu_blocks}")
         if self.max_num_batched_tokens < MIN_TOKEN_BUCKET:
             raise ValueError(f"max_num_batched_tokens: must be >= {MIN_TOKEN_BUCKET}, got {self.max_num_batched_tokens}")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed: must be in [0, 2**32), got {self.seed}")
+
+    @property
+    def offloads(self) -> bool:
+        """Whether the policy keeps KV in a host pool too."""
+        return self.policy != "gpu-only"
 
     def resolved_max_model_len(self, model_config: ModelConfig) -> int:
         if self.max_model_len is None:

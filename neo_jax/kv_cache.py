@@ -1,4 +1,4 @@
-"""The paged KV cache array of one pool, and how many blocks of it fit in the GPU's memory."""
+"""The paged KV cache arrays of the two pools (GPU memory, host memory) and how many blocks each holds."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from neo_jax.block_manager import blocks_for
 from neo_jax.config import EngineConfig
+from neo_jax.cpu_ops.handoff import HostKvPool
 from neo_jax.models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -85,3 +87,38 @@ def num_gpu_blocks(model_config: ModelConfig, config: EngineConfig, max_model_le
                          f"{max(blocks, 0)} blocks of {per_block} bytes; at least 2 are needed")
     logger.info("GPU KV pool: %d blocks of %d tokens (%.2f GiB)", blocks, config.block_size, blocks * per_block / GIB)
     return blocks
+
+
+def num_cpu_blocks(model_config: ModelConfig, config: EngineConfig, max_model_len: int) -> int:
+    """Blocks of the host pool (scratch block included): `num_cpu_blocks`, else `cpu_kv_cache_gb`, else half of
+    the available host memory, never more than `max_num_seqs` requests of `max_model_len` tokens can fill."""
+    if config.num_cpu_blocks is not None:
+        return config.num_cpu_blocks
+    per_block = kv_bytes_per_block(model_config, config.block_size)
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    most_useful = config.max_num_seqs * blocks_for(max_model_len, config.block_size) + 1
+    if config.cpu_kv_cache_gb is None:
+        return max(2, min(int(available // 2 // per_block), most_useful))
+    if config.cpu_kv_cache_gb * GIB > available:
+        raise ValueError(f"cpu_kv_cache_gb: {config.cpu_kv_cache_gb:.2f} GiB asked for the host KV pool but only "
+                         f"{available / GIB:.2f} GiB of host memory is available")
+    blocks = min(int(config.cpu_kv_cache_gb * GIB // per_block), most_useful)
+    if blocks < 2:
+        raise ValueError(f"cpu_kv_cache_gb: {config.cpu_kv_cache_gb} GiB holds {blocks} blocks of {per_block} bytes; "
+                         "at least 2 are needed")
+    return blocks
+
+
+def allocate_host_kv_pool(model_config: ModelConfig, num_blocks: int, block_size: int) -> HostKvPool:
+    """The host pool's K/V memory (pinned when a GPU is present), zeroed."""
+    dtype = np.dtype(jnp.dtype(model_config.dtype))
+    try:
+        pool = HostKvPool(model_config.num_layers, num_blocks, model_config.num_kv_heads, block_size,
+                          model_config.head_dim, dtype)
+    except (MemoryError, RuntimeError) as error:
+        size = num_blocks * kv_bytes_per_block(model_config, block_size) / GIB
+        raise MemoryError(f"cpu_kv_cache_gb: could not allocate the host KV pool ({size:.2f} GiB): {error}") from error
+    logger.info("host KV pool: %d blocks of %d tokens (%.2f GiB, %s)", num_blocks, block_size,
+                num_blocks * kv_bytes_per_block(model_config, block_size) / GIB,
+                "pinned" if pool.pinned else "pageable")
+    return pool

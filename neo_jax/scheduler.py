@@ -20,16 +20,32 @@ from neo_jax.sequence import Request, RequestStatus
 
 @dataclasses.dataclass
 class SchedulerStats:
+    """Counters summed over the steps scheduled so far."""
+
     num_steps: int = 0
     num_preemptions: int = 0
     num_partial_prefills: int = 0  # prefill chunks that stop short of their request's last token
+    gpu_kv_tokens_read: int = 0    # context tokens that GPU attention read (decodes and prefills)
+    cpu_kv_tokens_read: int = 0    # context tokens that CPU attention read
+    num_pipelined_steps: int = 0   # steps with a batch-1
+    num_swap_out: int = 0
+    num_swap_in: int = 0
+
+    def count_chunks(self, gpu_chunks: list[ScheduledChunk], cpu_chunks: list[ScheduledChunk]) -> None:
+        self.num_steps += 1
+        self.gpu_kv_tokens_read += sum(c.start + c.num_tokens for c in gpu_chunks)
+        self.cpu_kv_tokens_read += sum(c.start + c.num_tokens for c in cpu_chunks)
+        self.num_partial_prefills += sum(c.start + c.num_tokens < c.request.num_tokens for c in gpu_chunks)
 
 
 class Scheduler:
+    """The GPU-only policy's scheduler; `pool` is the GPU pool."""
+
     def __init__(self, config: EngineConfig, pool: BlockPool) -> None:
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_num_seqs = config.max_num_seqs
         self.pool = pool
+        self.pools = {pool.name: pool}
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.stats = SchedulerStats()
@@ -68,17 +84,19 @@ class Scheduler:
             self.running.append(request)
             self._take(request, num_tokens, chunks)
             budget -= num_tokens
-        self.stats.num_steps += 1
+        self.stats.count_chunks(chunks, [])
         return chunks
 
     def _take(self, request: Request, num_tokens: int, chunks: list[ScheduledChunk]) -> None:
         self.pool.grow(request, request.num_computed_tokens + num_tokens)
-        if request.num_computed_tokens + num_tokens < request.num_tokens:
-            self.stats.num_partial_prefills += 1
         chunks.append(ScheduledChunk(request, num_tokens))
 
+    def _free(self, request: Request) -> None:
+        if request.kv_pool is not None:
+            self.pools[request.kv_pool].free(request)
+
     def _preempt(self, request: Request) -> None:
-        self.pool.free(request)
+        self._free(request)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
@@ -88,6 +106,6 @@ class Scheduler:
     def finish(self, request: Request, reason: str) -> None:
         """Ends a running request and frees its blocks."""
         self.running.remove(request)
-        self.pool.free(request)
+        self._free(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason

@@ -145,7 +145,7 @@ def test_sampling_params_must_match_the_prompts(hf_llm):
         hf_llm.generate([[5], [6]], [GREEDY], use_tqdm=False)
 
 
-@pytest.mark.parametrize("option, value", [("policy", "neo"), ("policy", "cpu-all"), ("max_num_seqs", 0),
+@pytest.mark.parametrize("option, value", [("policy", "fastest"), ("cpu_kv_cache_gb", -1.0), ("max_num_seqs", 0),
                                            ("block_size", -4), ("gpu_memory_utilization", 1.5), ("dtype", "int8"),
                                            ("num_gpu_blocks", 1), ("gpu_kv_cache_gb", 0.0), ("swap_space", 4)])
 def test_bad_engine_options_raise(option, value):
