@@ -11,11 +11,14 @@ import numpy as np
 
 from neo_jax.block_manager import BlockPool, blocks_for
 from neo_jax.config import EngineConfig
-from neo_jax.kv_cache import num_gpu_blocks
+from neo_jax.cost_model import CostModel, MachineId, load_cost_model
+from neo_jax.kv_cache import allocate_host_kv_pool, num_cpu_blocks, num_gpu_blocks
 from neo_jax.model_runner import ModelRunner
 from neo_jax.models import llama, loading
 from neo_jax.models.config import ModelConfig, get_config
 from neo_jax.sampling_params import SamplingParams
+from neo_jax.pipeline_batch import PipelineSchedule
+from neo_jax.pipeline_scheduler import PipelineScheduler
 from neo_jax.scheduler import Scheduler
 from neo_jax.sequence import Request
 from neo_jax.tokenizer import load_tokenizer
@@ -36,22 +39,47 @@ def load_model(model: str, dtype: str | None, seed: int) -> tuple[ModelConfig, l
 class LLMEngine:
     """Requests in, finished requests out, one `step()` at a time."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, model: tuple[ModelConfig, llama.Params] | None = None) -> None:
+        """`model`: a config and params already in memory, served instead of loading `config.model`."""
         self.config = config
-        self.model_config, params = load_model(config.model, config.dtype, config.seed)
+        self.model_config, params = model or load_model(config.model, config.dtype, config.seed)
         self.tokenizer = load_tokenizer(config.model, self.model_config)
         self.max_model_len = config.resolved_max_model_len(self.model_config)
         num_blocks = num_gpu_blocks(self.model_config, config, self.max_model_len)
-        blocks_per_request = blocks_for(self.max_model_len, config.block_size)
-        if num_blocks - 1 < blocks_per_request:
-            raise ValueError(f"max_model_len: one request of {self.max_model_len} tokens needs {blocks_per_request} "
-                             f"KV blocks but the GPU pool has {num_blocks - 1}; lower max_model_len or raise the "
-                             "KV budget")
         self.pool = BlockPool("gpu", num_blocks, config.block_size)
-        self.scheduler = Scheduler(config, self.pool)
-        self.runner = ModelRunner(self.model_config, params, config, num_blocks, self.max_model_len)
+        host_pool = None
+        if config.offloads:
+            self.host_pool = BlockPool("cpu", num_cpu_blocks(self.model_config, config, self.max_model_len),
+                                       config.block_size)
+            host_pool = allocate_host_kv_pool(self.model_config, self.host_pool.num_blocks, config.block_size)
+            self.scheduler = PipelineScheduler(config, self.pool, self.host_pool, self._cost_model())
+        else:
+            self.host_pool = None
+            self.scheduler = Scheduler(config, self.pool)
+        self._check_one_request_fits()
+        self.runner = ModelRunner(self.model_config, params, config, num_blocks, self.max_model_len, host_pool)
         self._seed_generator = np.random.default_rng(config.seed)
         self._next_request_id = 0
+
+    def _check_one_request_fits(self) -> None:
+        """A request of max_model_len tokens must fit in the pool that prefills may fill."""
+        needed = blocks_for(self.max_model_len, self.config.block_size)
+        pools = [self.pool] if self.config.policy == "gpu-only" else [self.host_pool]
+        if self.config.policy == "neo":
+            pools.append(self.pool)
+        largest = max(pools, key=lambda p: p.num_usable_blocks)
+        if largest.num_usable_blocks < needed:
+            budget = "gpu_kv_cache_gb" if largest is self.pool else "cpu_kv_cache_gb"
+            raise ValueError(f"max_model_len: one request of {self.max_model_len} tokens needs {needed} KV blocks but "
+                             f"the {largest.name} pool has {largest.num_usable_blocks}; lower max_model_len or raise "
+                             f"{budget}")
+
+    def _cost_model(self) -> CostModel:
+        if self.config.cost_table is not None:
+            return CostModel.load(self.config.cost_table)
+        machine = MachineId.current(jax.devices()[0].device_kind)
+        return load_cost_model(self.model_config, model=self.config.model, machine=machine,
+                               block_size=self.config.block_size)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -93,8 +121,12 @@ class LLMEngine:
 
     def step(self) -> list[Request]:
         """Schedules and runs one step; returns the requests that finished in it."""
-        chunks = self.scheduler.schedule()
-        sampled = self.runner.execute(chunks, self.eos_token_ids)
+        schedule = self.scheduler.schedule()
+        chunks = schedule.chunks if isinstance(schedule, PipelineSchedule) else schedule
+        if not chunks:
+            raise RuntimeError(f"the scheduler found nothing to run for {len(self.scheduler.waiting)} waiting and "
+                               f"{len(self.scheduler.running)} running requests (KV pools too small?)")
+        sampled = self.runner.execute(schedule, self.eos_token_ids)
         finished = []
         for chunk in chunks:
             request = chunk.request

@@ -1,15 +1,25 @@
-"""Owns the params and the GPU KV cache, packs scheduled chunks, and runs the jitted step (cache donated)."""
+"""Owns the params and the KV pools, packs scheduled steps, and runs the jitted step (GPU cache donated).
+
+A step that touches no host memory runs `model_step`; one with host-resident requests, host-bound prefills or
+swaps runs `pipeline_step`. Both return the sampled tokens and the logits they were sampled from
+(`last_logits`, left on the device; tests compare them across policies).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import numpy as np
 
 from neo_jax.batch import ScheduledChunk, StepBatch, pack_step
 from neo_jax.config import EngineConfig, StepBuckets
+from neo_jax.cpu_ops.handoff import HostKvPool
 from neo_jax.kv_cache import KVCache, allocate_kv_cache
 from neo_jax.models import llama
 from neo_jax.models.config import ModelConfig
+from neo_jax.pipeline_batch import PipelineBatch, PipelineSchedule, pack_pipeline_step
+from neo_jax.pipeline_step import pipeline_step
 from neo_jax.sampler import SamplingBatch, pack_sampling
 from neo_jax.step import model_step
 
@@ -17,16 +27,19 @@ from neo_jax.step import model_step
 _num_traces = 0
 
 
-def _counted_step(params: llama.Params, kv_cache: KVCache, batch: StepBatch, sampling: SamplingBatch,
-                  config: ModelConfig) -> tuple[KVCache, jax.Array]:
-    global _num_traces
-    # Python here runs only while jit traces, once per new (shapes, config), right before XLA compiles.
-    _num_traces += 1
-    return model_step(params, kv_cache, batch, sampling, config)
+def _counted(step: Callable) -> Callable:
+    def counted_step(*args):
+        global _num_traces
+        # Python here runs only while jit traces, once per new (shapes, statics), right before XLA compiles.
+        _num_traces += 1
+        return step(*args)
+
+    return counted_step
 
 
-# One jitted function for every runner: engines whose shapes and model config agree share compiled steps.
-jitted_step = jax.jit(_counted_step, static_argnums=(4,), donate_argnums=(1,))
+# One jitted function of each kind for every runner: engines whose shapes and statics agree share programs.
+jitted_step = jax.jit(_counted(model_step), static_argnums=(4,), donate_argnums=(1,))
+jitted_pipeline_step = jax.jit(_counted(pipeline_step), static_argnums=(4, 5), donate_argnums=(1,))
 
 
 def num_step_compilations() -> int:
@@ -38,20 +51,43 @@ class ModelRunner:
     """Executes steps on one model's params and GPU KV cache."""
 
     def __init__(self, model_config: ModelConfig, params: llama.Params, config: EngineConfig, num_blocks: int,
-                 max_model_len: int) -> None:
+                 max_model_len: int, host_pool: HostKvPool | None = None) -> None:
         self.model_config = model_config
         self.params = params
         self.block_size = config.block_size
         self.buckets = StepBuckets.for_engine(config, max_model_len)
         self.kv_cache = allocate_kv_cache(model_config, num_blocks, config.block_size)
+        self.host_pool = host_pool
+        self.last_logits: jax.Array | None = None  # float32[R, V] of the latest step's sampled rows
+        self._sampled_rows: dict[int, int] = {}
 
     def run(self, batch: StepBatch, sampling: SamplingBatch) -> jax.Array:
         """Runs one packed step on the device; the sampled tokens int32[R] (not yet fetched)."""
-        self.kv_cache, tokens = jitted_step(self.params, self.kv_cache, batch, sampling, self.model_config)
+        self.kv_cache, tokens, self.last_logits = jitted_step(self.params, self.kv_cache, batch, sampling,
+                                                              self.model_config)
         return tokens
 
-    def execute(self, chunks: list[ScheduledChunk], eos_token_ids: tuple[int, ...]) -> dict[int, int]:
-        """Computes the chunks; the sampled next token of each request that samples, by request id."""
-        batch, sampled_requests = pack_step(chunks, self.block_size, self.buckets)
-        tokens = np.asarray(self.run(batch, pack_sampling(sampled_requests, eos_token_ids)))
-        return {r.request_id: int(tokens[row]) for row, r in enumerate(sampled_requests) if r is not None}
+    def run_pipeline(self, batch: PipelineBatch, sampling: SamplingBatch) -> jax.Array:
+        """Runs one packed pipeline step; the sampled tokens int32[R] (not yet fetched)."""
+        self.kv_cache, tokens, self.last_logits = jitted_pipeline_step(self.params, self.kv_cache, batch, sampling,
+                                                                       self.model_config, self.host_pool)
+        return tokens
+
+    def execute(self, schedule: PipelineSchedule | list[ScheduledChunk],
+                eos_token_ids: tuple[int, ...]) -> dict[int, int]:
+        """Computes the step; the sampled next token of each request that samples, by request id."""
+        if isinstance(schedule, PipelineSchedule) and schedule.uses_host:
+            batch, sampled_requests = pack_pipeline_step(schedule, self.block_size, self.buckets)
+            tokens = self.run_pipeline(batch, pack_sampling(sampled_requests, eos_token_ids))
+        else:
+            chunks = schedule.gpu_chunks if isinstance(schedule, PipelineSchedule) else schedule
+            batch, sampled_requests = pack_step(chunks, self.block_size, self.buckets)
+            tokens = self.run(batch, pack_sampling(sampled_requests, eos_token_ids))
+        tokens = np.asarray(tokens)
+        self._sampled_rows = {r.request_id: row for row, r in enumerate(sampled_requests) if r is not None}
+        return {request_id: int(tokens[row]) for request_id, row in self._sampled_rows.items()}
+
+    def last_logits_by_request(self) -> dict[int, np.ndarray]:
+        """The logits float32[V] each request sampled its newest token from in the latest step (fetched now)."""
+        logits = np.asarray(self.last_logits)
+        return {request_id: logits[row] for request_id, row in self._sampled_rows.items()}
