@@ -106,16 +106,16 @@ class HostKvPool:
 
 @dataclasses.dataclass(frozen=True)
 class PendingAttention:
-    """A started CPU attention: its token, and its operands kept alive until the wait (on a GPU the
-    CPU side copies them after the start returns)."""
+    """A started CPU attention: its token, and the shape and dtype of its output (q's)."""
 
     token: jax.Array  # int32 []: the call's number
-    operands: tuple  # q, k_new, v_new, layer, slot_mapping, block_tables, context_lens
+    out_shape: tuple[int, ...]
+    out_dtype: np.dtype
     pool_id: int
 
 
-jax.tree_util.register_dataclass(PendingAttention, data_fields=["token", "operands"],
-                                 meta_fields=["pool_id"])
+jax.tree_util.register_dataclass(PendingAttention, data_fields=["token"],
+                                 meta_fields=["out_shape", "out_dtype", "pool_id"])
 
 
 def _index_array(op: str, name: str, value, ndim: int) -> jax.Array:
@@ -155,16 +155,14 @@ def cpu_attention_start(pool: HostKvPool, q: jax.Array, k_new: jax.Array, v_new:
         _check_length(op, name, array, num_reqs)
     token = jax.ffi.ffi_call(_ATTENTION_START, jax.ShapeDtypeStruct((), jnp.int32),
                              has_side_effect=True)(*operands, pool_id=np.int64(pool.pool_id))
-    return PendingAttention(token, operands, pool.pool_id)
+    return PendingAttention(token, q.shape, q.dtype, pool.pool_id)
 
 
 def cpu_attention_wait(pending: PendingAttention, dep: jax.Array) -> jax.Array:
     """The output [n, q_heads, head_dim] (q's dtype) of a started attention. `dep` is any array
     that must be computed before the wait, e.g. the GPU work meant to overlap the CPU's."""
-    q = pending.operands[0]
-    return jax.ffi.ffi_call(_ATTENTION_WAIT, jax.ShapeDtypeStruct(q.shape, q.dtype),
-                            has_side_effect=True)(pending.token, dep, *pending.operands,
-                                                  pool_id=np.int64(pending.pool_id))
+    return jax.ffi.ffi_call(_ATTENTION_WAIT, jax.ShapeDtypeStruct(pending.out_shape, pending.out_dtype),
+                            has_side_effect=True)(pending.token, dep, pool_id=np.int64(pending.pool_id))
 
 
 def host_kv_store(pool: HostKvPool, k_rows: jax.Array, v_rows: jax.Array, layer,

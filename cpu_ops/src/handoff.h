@@ -34,7 +34,6 @@ inline auto bind_attention_wait() {
   return ffi::Ffi::Bind()
       .Arg<ffi::AnyBuffer>()  // token
       .Arg<ffi::AnyBuffer>()  // dep
-      .RemainingArgs()        // the start's operands
       .Ret<ffi::AnyBuffer>()  // out
       .Attr<int64_t>("pool_id");
 }

@@ -63,8 +63,7 @@ ffi::Error attention_start(ffi::AnyBuffer q, ffi::AnyBuffer k_new, ffi::AnyBuffe
   return ffi::Error::Success();
 }
 
-ffi::Error attention_wait(ffi::AnyBuffer token, ffi::AnyBuffer, ffi::RemainingArgs,
-                          ffi::Result<ffi::AnyBuffer> out, int64_t) {
+ffi::Error attention_wait(ffi::AnyBuffer token, ffi::AnyBuffer, ffi::Result<ffi::AnyBuffer> out, int64_t) {
   uint32_t call = static_cast<uint32_t>(*static_cast<const int32_t*>(token.untyped_data()));
   std::vector<char> result;
   {

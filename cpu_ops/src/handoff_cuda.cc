@@ -78,6 +78,7 @@ void CudaHandoff::retire_finished() {
       staging_.release_event(call.retire);
     }
     if (call.prefetched != nullptr) staging_.release_event(call.prefetched);
+    if (call.copied != nullptr) staging_.release_event(call.copied);
     staging_.release(call.staging);
     it = in_flight_.erase(it);
   }
@@ -120,14 +121,15 @@ void CudaHandoff::start_attention(CUstream xla, std::shared_ptr<HostKvPool> pool
   size_t out_offset = layout.add(shape.q_bytes());
   std::shared_ptr<Call> call = new_call(pool, layout.size(), shape.q_bytes());
   call->prefetched = staging_.acquire_event();
+  call->copied = staging_.acquire_event();
   call->out_bytes = shape.q_bytes();
 
   follow_xla(xla, to_host_);
-  for (size_t i = 0; i < operands.size(); ++i) {
-    call->operands.push_back(operands[i].untyped_data());
+  for (size_t i = 0; i < operands.size(); ++i)
     copy_to_host(*call, operands[i].untyped_data(), offsets[i], operands[i].size_bytes());
-  }
   ring_doorbell(*call);
+  check(cuda_.cuEventRecord(call->copied, to_host_), "cuEventRecord");
+  check(cuda_.cuStreamWaitEvent(xla, call->copied, 0), "cuStreamWaitEvent");
   check(cuda_.cuStreamWaitValue32(from_host_, done_device_, call->seq, kStreamWaitValueGeq),
         "cuStreamWaitValue32");
   if (call->out_bytes > 0)
@@ -154,8 +156,7 @@ void CudaHandoff::start_attention(CUstream xla, std::shared_ptr<HostKvPool> pool
   ++next_seq_;
 }
 
-void CudaHandoff::wait_attention(CUstream xla, const void* token, const std::vector<const void*>& kept,
-                                 ffi::AnyBuffer out) {
+void CudaHandoff::wait_attention(CUstream xla, const void* token, ffi::AnyBuffer out) {
   std::lock_guard<std::mutex> lock(mutex_);
   enter(xla);
   auto it = awaiting_wait_.find(token);
@@ -166,10 +167,6 @@ void CudaHandoff::wait_attention(CUstream xla, const void* token, const std::vec
   if (out.size_bytes() != call->out_bytes)
     throw std::invalid_argument("cpu_attention_wait: out has " + std::to_string(out.size_bytes()) +
                                 " bytes, the started call produces " + std::to_string(call->out_bytes));
-  if (kept != call->operands)
-    throw std::runtime_error(
-        "cpu_attention_wait: XLA gave it other buffers than cpu_attention_start read, so those may "
-        "have been reused while they were copied to the host");
   check(cuda_.cuStreamWaitEvent(xla, call->prefetched, 0), "cuStreamWaitEvent");
   if (call->out_bytes > 0)
     check(cuda_.cuMemcpyDtoDAsync(device_address(out.untyped_data()), call->staging.device,

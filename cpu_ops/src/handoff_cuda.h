@@ -8,8 +8,9 @@
 //           seq in the done word. The from-host side stream waits for done >= seq
 //           (cuStreamWaitValue32) and prefetches the output into device staging.
 //   wait:   XLA's stream waits for that prefetch and copies the output into its own buffer: it
-//           stalls only if the CPU is late. The start's operands are passed to wait as well, so XLA
-//           keeps their buffers (which the to-host stream reads late) alive until then.
+//           stalls only if the CPU is late. XLA's stream waits for the start's copies of the operands
+//           (a few KB per request) before it goes on, so XLA may reuse their buffers at once: a scan
+//           carry or a copy XLA inserts cannot hand the to-host stream a stale buffer.
 //   store:  like start, but XLA's stream waits until the rows are copied out (it may reuse them).
 //   load:   XLA's stream waits until the rows the CPU gathered are copied into its buffers.
 #pragma once
@@ -40,7 +41,7 @@ class CudaHandoff {
 
   void start_attention(CUstream xla, std::shared_ptr<HostKvPool> pool, const AttentionShape& shape,
                        const std::vector<ffi::AnyBuffer>& operands, void* token);
-  void wait_attention(CUstream xla, const void* token, const std::vector<const void*>& kept,
+  void wait_attention(CUstream xla, const void* token,
                       ffi::AnyBuffer out);
   void store(CUstream xla, std::shared_ptr<HostKvPool> pool, ffi::AnyBuffer k_rows,
              ffi::AnyBuffer v_rows, ffi::AnyBuffer layer, ffi::AnyBuffer slot_mapping, void* token);
@@ -60,7 +61,7 @@ class CudaHandoff {
     CUevent prefetched = nullptr;  // attention: the output has reached staging.device
     CUevent retire = nullptr;      // the last GPU use of the staging buffers
     bool awaiting_wait = false;
-    std::vector<const void*> operands;  // device buffers the to-host stream reads
+    CUevent copied = nullptr;      // attention: the operands have reached staging.host
     size_t out_bytes = 0;
   };
 

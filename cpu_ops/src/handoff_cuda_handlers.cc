@@ -52,17 +52,9 @@ ffi::Error attention_start(ffi::AnyBuffer q, ffi::AnyBuffer k_new, ffi::AnyBuffe
   });
 }
 
-ffi::Error attention_wait(ffi::AnyBuffer token, ffi::AnyBuffer, ffi::RemainingArgs kept,
-                          ffi::Result<ffi::AnyBuffer> out, int64_t, CUstream stream) {
-  return guarded("cpu_attention_wait", [&] {
-    std::vector<const void*> kept_buffers;
-    for (size_t i = 0; i < kept.size(); ++i) {
-      ffi::ErrorOr<ffi::AnyBuffer> buffer = kept.get<ffi::AnyBuffer>(i);
-      if (!buffer.has_value()) throw std::invalid_argument("cpu_attention_wait: a kept operand is not a buffer");
-      kept_buffers.push_back(buffer->untyped_data());
-    }
-    handoff(stream).wait_attention(stream, token.untyped_data(), kept_buffers, *out);
-  });
+ffi::Error attention_wait(ffi::AnyBuffer token, ffi::AnyBuffer, ffi::Result<ffi::AnyBuffer> out, int64_t,
+                          CUstream stream) {
+  return guarded("cpu_attention_wait", [&] { handoff(stream).wait_attention(stream, token.untyped_data(), *out); });
 }
 
 ffi::Error kv_store(ffi::AnyBuffer k_rows, ffi::AnyBuffer v_rows, ffi::AnyBuffer layer,
