@@ -1,13 +1,16 @@
 """Flax Llama (Llama 2, 3, 3.1): a decoder layer split into three pure functions.
 
 Linen rather than NNX: `init` and `apply` are already pure functions of a params pytree, which is what jitted
-steps that donate the KV cache, a `lax.scan` over stacked layers, orbax and weight loading all want; NNX's
-mutable objects would need a split/merge at every jit boundary.
+steps that donate the KV cache, orbax and weight loading all want; NNX's mutable objects would need a
+split/merge at every jit boundary.
 
-Params (every leaf of "layers" carries a leading [L] axis, so engines `lax.scan` over layers):
+Params ("layers" is a list of L per-layer dicts, and steps loop over it in Python):
   embed       [V, D]            final_norm [D]          lm_head [D, V] (untied checkpoints only)
-  layers/input_norm [L, D]      wq [L, D, Hq*Dh]        wk, wv [L, D, Hkv*Dh]     wo [L, Hq*Dh, D]
-  layers/post_norm  [L, D]      w_gate, w_up [L, D, I]  w_down [L, I, D]
+  layers[l]/input_norm [D]      wq [D, Hq*Dh]           wk, wv [D, Hkv*Dh]        wo [Hq*Dh, D]
+  layers[l]/post_norm  [D]      w_gate, w_up [D, I]     w_down [I, D]
+Not stacked [L, ...] leaves under a `lax.scan`: on the H100 XLA copies each layer's slice of stacked weights
+out before its matmuls, which doubled the weight traffic of a Llama-3-8B decode step (16.3 ms vs 7.2 ms at
+batch 1, 17.6 vs 9.0 ms at batch 256; benchmarks/results/layer_loop_h100.md).
 The layer functions take tokens flattened across requests: hidden [T, D], positions int32 [T].
 """
 
@@ -162,11 +165,6 @@ def final_logits(params: Params, config: ModelConfig, hidden: jax.Array) -> jax.
     return jnp.einsum("td,dv->tv", x, head, preferred_element_type=jnp.float32)
 
 
-def layer_params(params: Params, index: int) -> Params:
-    """Layer `index` of the stacked params["layers"] (engines usually lax.scan over them instead)."""
-    return jax.tree.map(lambda leaf: leaf[index], params["layers"])
-
-
 @functools.partial(jax.jit, static_argnums=1)
 def forward(params: Params, config: ModelConfig, token_ids: jax.Array) -> jax.Array:
     """Full causal forward over token_ids [B, S] at positions 0..S-1 -> float32 logits [B, S, V]."""
@@ -174,13 +172,11 @@ def forward(params: Params, config: ModelConfig, token_ids: jax.Array) -> jax.Ar
     hidden = embed_tokens(params, config, token_ids.reshape(-1))
     positions = jnp.tile(jnp.arange(seq, dtype=jnp.int32), batch)
 
-    def layer(hidden: jax.Array, lp: Params) -> tuple[jax.Array, None]:
-        q, k, v = pre_attention(lp, config, hidden, positions)
-        split = lambda x: x.reshape(batch, seq, *x.shape[1:])
+    split = lambda x: x.reshape(batch, seq, *x.shape[1:])
+    for layer_params in params["layers"]:
+        q, k, v = pre_attention(layer_params, config, hidden, positions)
         attn = causal_attention(split(q), split(k), split(v)).reshape(q.shape)
-        return post_attention(lp, config, hidden, attn), None
-
-    hidden, _ = jax.lax.scan(layer, hidden, params["layers"])
+        hidden = post_attention(layer_params, config, hidden, attn)
     return final_logits(params, config, hidden).reshape(batch, seq, -1)
 
 
@@ -188,9 +184,9 @@ def forward(params: Params, config: ModelConfig, token_ids: jax.Array) -> jax.Ar
 def init_params(config: ModelConfig, key: jax.Array) -> Params:
     """Random params made by one jitted program on the default device (seconds for an 8B model).
 
-    The key only seeds XLA's RngBitGenerator ("rbg"), and layers are drawn one at a time by a scan: threefry
-    over stacked [L, ...] weights needs several times the model's size in temporaries (67 GB for Llama-3-8B),
-    this a few hundred MB. The values differ between backends for the same key.
+    The key only seeds XLA's RngBitGenerator ("rbg"): threefry needs several times the model's size in
+    temporaries (67 GB for Llama-3-8B), this a few hundred MB. The values differ between backends for the
+    same key.
     """
     dtype = jnp.dtype(config.dtype)
     rbg_key = jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
@@ -198,10 +194,8 @@ def init_params(config: ModelConfig, key: jax.Array) -> Params:
     dummy_hidden = jnp.zeros((1, config.hidden_size), dtype)
     dummy_positions = jnp.zeros((1,), jnp.int32)
 
-    def init_layer(carry: None, layer_key: jax.Array) -> tuple[None, Params]:
-        return None, DecoderLayer(config).init(layer_key, dummy_hidden, dummy_positions)["params"]
-
-    _, layers = jax.lax.scan(init_layer, None, jax.random.split(layers_key, config.num_layers))
+    layers = [DecoderLayer(config).init(layer_key, dummy_hidden, dummy_positions)["params"]
+              for layer_key in jax.random.split(layers_key, config.num_layers)]
     params: Params = {
         "embed": 0.02 * jax.random.normal(embed_key, (config.vocab_size, config.hidden_size), dtype),
         "layers": layers,

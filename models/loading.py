@@ -135,7 +135,7 @@ def _check_tensors(config: ModelConfig, tensors: dict[str, np.ndarray]) -> None:
 def params_from_hf_tensors(config: ModelConfig, tensors: dict[str, np.ndarray]) -> Params:
     """Maps HF tensor names onto our params after checking every name, shape and dtype.
 
-    Each stacked tensor goes to the default device as soon as it is built, so the host holds one at a time
+    Each tensor goes to the default device as soon as it is converted, so the host holds one at a time
     besides the memory-mapped files.
     """
     _check_tensors(config, tensors)
@@ -147,10 +147,8 @@ def params_from_hf_tensors(config: ModelConfig, tensors: dict[str, np.ndarray]) 
 
     params: Params = {
         "embed": jnp.asarray(take("model.embed_tokens.weight")),
-        "layers": {
-            ours: jnp.asarray(np.stack([take(f"model.layers.{i}.{hf}", transpose) for i in range(config.num_layers)]))
-            for ours, (hf, transpose) in _LAYER_TENSORS.items()
-        },
+        "layers": [{ours: jnp.asarray(take(f"model.layers.{i}.{hf}", transpose))
+                    for ours, (hf, transpose) in _LAYER_TENSORS.items()} for i in range(config.num_layers)],
         "final_norm": jnp.asarray(take("model.norm.weight")),
     }
     if not config.tie_word_embeddings:

@@ -14,9 +14,8 @@ while XLA's stream runs the GPU work placed between a start and its wait. Per la
     batch-0 out-proj+MLP(l)                          batch-1 attention(l+1)
 
 so the CPU's batch-1 attention hides under batch-0's linear layers and GPU attention, and batch-0's share
-under batch-1's linear layers. Batch-1's QKV runs one layer ahead (its layer-0 QKV before the loop; the last
-iteration's look-ahead call names no slot and no context, so it appends and reads nothing). The order is
-forced by data: each wait takes the GPU result it must follow as `dep`, and `optimization_barrier` ties the
+under batch-1's linear layers. Batch-1's QKV runs one layer ahead (its layer-0 QKV before the loop). The layers
+are a Python loop (see models/llama.py), so every layer index is static. The order is forced by data: each wait takes the GPU result it must follow as `dep`, and `optimization_barrier` ties the
 tokens of started calls to the inputs of the GPU work that must come after them.
 
 Prefills whose KV goes to the host pool write it there layer by layer (`host_kv_store`) and attend on the GPU
@@ -62,17 +61,15 @@ def swap_kv(pool: HostKvPool, k_blocks: jax.Array, v_blocks: jax.Array, batch: P
     return k_blocks, v_blocks, done
 
 
-def start_cpu_attention(pool: HostKvPool, q: jax.Array, k: jax.Array, v: jax.Array, layer_index: jax.Array,
-                        rows: CpuDecodes, live: jax.Array | bool = True) -> PendingAttention:
-    """Appends the rows' new K/V to the host pool and starts their attention; `live` False makes it a no-op."""
-    slots = jnp.where(live, rows.slot_mapping, NO_HOST_SLOT)
-    context_lens = jnp.where(live, rows.context_lens, 0)
-    return cpu_attention_start(pool, q, k.astype(pool.dtype), v.astype(pool.dtype), layer_index, slots,
-                               rows.block_tables, context_lens)
+def start_cpu_attention(pool: HostKvPool, q: jax.Array, k: jax.Array, v: jax.Array, layer_index: int,
+                        rows: CpuDecodes) -> PendingAttention:
+    """Appends the rows' new K/V to the host pool and starts their attention."""
+    return cpu_attention_start(pool, q, k.astype(pool.dtype), v.astype(pool.dtype), layer_index, rows.slot_mapping,
+                               rows.block_tables, rows.context_lens)
 
 
 def batch0_gpu_attention(pool: HostKvPool, q: jax.Array, k: jax.Array, v: jax.Array, k_blocks: jax.Array,
-                         v_blocks: jax.Array, batch: PipelineBatch, layer_index: jax.Array,
+                         v_blocks: jax.Array, batch: PipelineBatch, layer_index: int,
                          block_offset: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Batch-0's GPU rows q/k/v [B + P, ...]: KV writes to both pools, paged decode and prefill attention."""
     gpu = batch.gpu
@@ -111,19 +108,18 @@ def pipeline_step(params: llama.Params, kv_cache: KVCache, batch: PipelineBatch,
     _, k_blocks, v_blocks, hidden0, hidden1 = jax.lax.optimization_barrier(
         (swapped, k_blocks, v_blocks, hidden0, hidden1))
 
-    def start_batch1(hidden1: jax.Array, layer_index: jax.Array) -> PendingAttention:
-        existing_layer = jnp.minimum(layer_index, num_layers - 1)
-        q, k, v = llama.pre_attention(llama.layer_params(params, existing_layer), config, hidden1, batch1.positions)
-        return start_cpu_attention(pool, q, k, v, existing_layer, batch1, live=layer_index < num_layers)
+    def start_batch1(hidden1: jax.Array, layer_index: int) -> PendingAttention:
+        q, k, v = llama.pre_attention(params["layers"][layer_index], config, hidden1, batch1.positions)
+        return start_cpu_attention(pool, q, k, v, layer_index, batch1)
 
-    def layer(carry, layer_inputs):
-        hidden0, hidden1, k_blocks, v_blocks, pending1 = carry
-        layer_params, layer_index = layer_inputs
-        block_offset = layer_index * num_blocks
+    pending1 = start_batch1(hidden1, 0) if has_batch1 else None
+    for layer_index, layer_params in enumerate(params["layers"]):
+        block_offset = jnp.int32(layer_index * num_blocks)
+        starts_next = has_batch1 and layer_index + 1 < num_layers
         if not has_batch0:
-            attn1 = cpu_attention_wait(pending1, hidden1)
-            hidden1 = llama.post_attention(layer_params, config, hidden1, attn1)
-            return (hidden0, hidden1, k_blocks, v_blocks, start_batch1(hidden1, layer_index + 1)), None
+            hidden1 = llama.post_attention(layer_params, config, hidden1, cpu_attention_wait(pending1, hidden1))
+            pending1 = start_batch1(hidden1, layer_index + 1) if starts_next else None
+            continue
         q, k, v = llama.pre_attention(layer_params, config, hidden0, positions0)
         gpu_done = q
         if has_share:
@@ -137,22 +133,14 @@ def pipeline_step(params: llama.Params, kv_cache: KVCache, batch: PipelineBatch,
                                                              layer_index, block_offset)
             gpu_done = attn0
         if has_batch1:
-            attn1 = cpu_attention_wait(pending1, gpu_done)
-            hidden1 = llama.post_attention(layer_params, config, hidden1, attn1)
-            pending1 = start_batch1(hidden1, layer_index + 1)
-            gpu_done = pending1.token
+            hidden1 = llama.post_attention(layer_params, config, hidden1, cpu_attention_wait(pending1, gpu_done))
+            gpu_done = hidden1
+            if starts_next:
+                pending1 = start_batch1(hidden1, layer_index + 1)
+                gpu_done = pending1.token
         if has_share:
             attn0 = jnp.concatenate([attn0, cpu_attention_wait(pending0, gpu_done)])
         hidden0 = llama.post_attention(layer_params, config, hidden0, attn0)
-        return (hidden0, hidden1, k_blocks, v_blocks, pending1), None
-
-    pending1 = start_batch1(hidden1, jnp.zeros((), jnp.int32)) if has_batch1 else None
-    layer_indices = jnp.arange(num_layers, dtype=jnp.int32)
-    (hidden0, hidden1, k_blocks, v_blocks, pending1), _ = jax.lax.scan(
-        layer, (hidden0, hidden1, k_blocks, v_blocks, pending1), (params["layers"], layer_indices))
-    if has_batch1:
-        # The last layer's look-ahead did no work, but every started call is waited for.
-        _, hidden0 = jax.lax.optimization_barrier((cpu_attention_wait(pending1, hidden0), hidden0))
     sample_rows = jnp.concatenate([gpu.sample_indices, num_gpu_rows + jnp.arange(share.num_rows, dtype=jnp.int32)])
     final_hidden = jnp.concatenate([hidden0[sample_rows], hidden1])
     logits = llama.final_logits(params, config, final_hidden)

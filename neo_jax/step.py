@@ -1,9 +1,10 @@
-"""One engine step as a pure function: embed, a `lax.scan` over layers, final logits, sampling.
+"""One engine step as a pure function: embed, the layers (a Python loop, see models/llama.py), final logits,
+sampling.
 
-Per layer the scan body calls the model's `pre_attention`, writes the new K/V into the cache, runs attention
+Per layer the step calls the model's `pre_attention`, writes the new K/V into the cache, runs attention
 (paged decode for the decode rows, gathered-context prefill attention for the prefill tokens) and calls
-`post_attention`. The cache travels in the scan carry with one block axis for all layers (see attention.py),
-so the scatter of new K/V updates the donated buffer in place.
+`post_attention`. The cache is viewed with one block axis for all layers (see attention.py), so the scatter of
+new K/V updates the donated buffer in place.
 """
 
 from __future__ import annotations
@@ -40,18 +41,12 @@ def model_step(params: llama.Params, kv_cache: KVCache, batch: StepBatch, sampli
     v_blocks = kv_cache.v.reshape(num_layers * num_blocks, *cache_shape[2:])
     hidden = llama.embed_tokens(params, config, batch.token_ids)
 
-    def layer(carry: tuple[jax.Array, jax.Array, jax.Array], layer_inputs: tuple[llama.Params, jax.Array]):
-        hidden, k_blocks, v_blocks = carry
-        layer_params, layer_index = layer_inputs
-        block_offset = layer_index * num_blocks
+    for layer_index, layer_params in enumerate(params["layers"]):
+        block_offset = jnp.int32(layer_index * num_blocks)
         q, k, v = llama.pre_attention(layer_params, config, hidden, batch.positions)
         k_blocks, v_blocks = write_kv(k_blocks, v_blocks, k, v, batch.slot_mapping, block_offset)
         attn = layer_attention(q, k_blocks, v_blocks, batch, block_offset)
-        return (llama.post_attention(layer_params, config, hidden, attn), k_blocks, v_blocks), None
-
-    layer_indices = jnp.arange(num_layers, dtype=jnp.int32)
-    (hidden, k_blocks, v_blocks), _ = jax.lax.scan(layer, (hidden, k_blocks, v_blocks),
-                                                   (params["layers"], layer_indices))
+        hidden = llama.post_attention(layer_params, config, hidden, attn)
     logits = llama.final_logits(params, config, hidden[batch.sample_indices])
     tokens = sample(logits, sampling)
     return KVCache(k=k_blocks.reshape(cache_shape), v=v_blocks.reshape(cache_shape)), tokens, logits

@@ -65,7 +65,7 @@ def test_layer_split_equals_full_forward(tiny_llama) -> None:
     post_attention = jax.jit(llama.post_attention, static_argnums=1)
     hidden = llama.embed_tokens(params, config, token_ids[0])
     for i in range(config.num_layers):
-        layer = llama.layer_params(params, i)
+        layer = params["layers"][i]
         q, k, v = pre_attention(layer, config, hidden, positions)
         assert q.shape == (seq, config.num_heads, config.head_dim) and k.shape == v.shape == (
             seq, config.num_kv_heads, config.head_dim)
@@ -78,7 +78,7 @@ def test_layer_split_equals_full_forward(tiny_llama) -> None:
 
 def test_layer_functions_reject_unflattened_tokens() -> None:
     config = PRESETS["tiny"]
-    layer = llama.layer_params(llama.init_params(config, jax.random.key(0)), 0)
+    layer = llama.init_params(config, jax.random.key(0))["layers"][0]
     hidden = jnp.zeros((2, 3, config.hidden_size), jnp.float32)
     with pytest.raises(ValueError, match=r"hidden: expected 2 dims .* got shape \(2, 3, 128\)"):
         llama.pre_attention(layer, config, hidden, jnp.zeros((2, 3), jnp.int32))
@@ -106,13 +106,13 @@ def test_init_params_shapes_and_dtype(dtype: str) -> None:
     params = llama.init_params(config, jax.random.key(0))
     expected = jax.eval_shape(lambda: llama.init_params(config, jax.random.key(1)))
     assert jax.tree.map(lambda a: (a.shape, a.dtype), params) == jax.tree.map(lambda a: (a.shape, a.dtype), expected)
-    assert params["layers"]["wq"].shape == (config.num_layers, config.hidden_size, config.num_heads * config.head_dim)
-    assert params["layers"]["wk"].shape == (config.num_layers, config.hidden_size,
-                                            config.num_kv_heads * config.head_dim)
+    assert len(params["layers"]) == config.num_layers
+    assert params["layers"][0]["wq"].shape == (config.hidden_size, config.num_heads * config.head_dim)
+    assert params["layers"][0]["wk"].shape == (config.hidden_size, config.num_kv_heads * config.head_dim)
     assert ("lm_head" in params) == (not config.tie_word_embeddings)
     assert all(leaf.dtype == jnp.dtype(dtype) for leaf in jax.tree.leaves(params))
-    assert 0.015 < float(jnp.std(params["layers"]["w_up"].astype(jnp.float32))) < 0.025
-    assert not np.array_equal(np.asarray(params["layers"]["wq"][0]), np.asarray(params["layers"]["wq"][1]))
+    assert 0.015 < float(jnp.std(params["layers"][0]["w_up"].astype(jnp.float32))) < 0.025
+    assert not np.array_equal(np.asarray(params["layers"][0]["wq"]), np.asarray(params["layers"][1]["wq"]))
     logits = llama.forward(params, config, jnp.zeros((1, 8), jnp.int32))
     assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
 
