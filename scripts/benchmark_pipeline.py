@@ -1,0 +1,111 @@
+"""Time the pipelined step against the GPU-only step: the per-layer handoff overhead and the CPU-GPU overlap.
+
+Batch-0 holds `--gpu-batch` GPU-resident decodes at `--context`; batch-1 holds C host-resident decodes at the
+same context, for each C of `--cpu-batches`. Per C, three figures from the same run:
+  pipeline_s   the pipelined step (batch-0 on the GPU, batch-1's attention on the CPU, overlapped);
+  gpu_side_s   the GPU-only step over batch-0 plus C more decode rows of one context token each (the linear
+               work of batch-1 without its attention);
+  cpu_side_s   layers x the CPU op's time for the C requests alone, on the host pool's own memory.
+handoff_us_per_layer = (pipeline_s with C = 1 - GPU-only step of batch-0) / layers; overlap_ratio =
+pipeline_s / max(gpu_side_s, cpu_side_s). JSON goes to stdout and --output-json after every measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from benchmark_step import make_chunks
+from bench_common import machine_info, write_json
+from neo_jax.batch import pack_step
+from neo_jax.block_manager import BlockPool, blocks_for
+from neo_jax.config import EngineConfig
+from neo_jax.cpu_ops import paged_decode_attention
+from neo_jax.engine import load_model
+from neo_jax.kv_cache import allocate_host_kv_pool
+from neo_jax.model_runner import ModelRunner
+from neo_jax.pipeline_batch import PipelineSchedule, pack_pipeline_step
+from neo_jax.sampler import pack_sampling
+
+
+def seconds_per_call(run: Callable[[], Any], iters: int) -> dict[str, float]:
+    """First call (compiles) and the mean of `iters` calls, each fetching its result as the engine does."""
+    start = time.perf_counter()
+    np.asarray(run())
+    first_call_s = time.perf_counter() - start
+    np.asarray(run())
+    start = time.perf_counter()
+    for _ in range(iters):
+        np.asarray(run())
+    return {"step_s": (time.perf_counter() - start) / iters, "first_call_s": first_call_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="llama-3-8b")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--gpu-batch", type=int, default=64)
+    parser.add_argument("--cpu-batches", type=int, nargs="+", default=[1, 16, 64, 128, 256])
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--output-json")
+    args = parser.parse_args()
+
+    model_config, params = load_model(args.model, args.dtype, seed=0)
+    max_cpu = max(args.cpu_batches)
+    blocks_per_request = blocks_for(args.context, args.block_size)
+    config = EngineConfig(model=args.model, dtype=args.dtype, block_size=args.block_size, policy="cpu-all",
+                          max_num_seqs=args.gpu_batch + max_cpu, max_model_len=args.context)
+    num_gpu_blocks = (args.gpu_batch + max_cpu) * blocks_per_request + 1
+    host_pool = allocate_host_kv_pool(model_config, max_cpu * blocks_per_request + 1, args.block_size)
+    runner = ModelRunner(model_config, params, config, num_gpu_blocks, args.context, host_pool)
+    eos, rng, layers = model_config.eos_token_ids, np.random.default_rng(0), model_config.num_layers
+    vocab = model_config.vocab_size
+
+    def gpu_step(chunks) -> Callable[[], jax.Array]:
+        batch, rows = pack_step(chunks, runner.block_size, runner.buckets)
+        sampling = pack_sampling(rows, eos)
+        return lambda: runner.run(batch, sampling)
+
+    gpu_pool = BlockPool("gpu", num_gpu_blocks, args.block_size)
+    batch0 = make_chunks(gpu_pool, args.gpu_batch, args.context, 1, vocab, rng)
+    results: dict[str, Any] = {"machine": machine_info(), "model": args.model, "dtype": args.dtype,
+                               "context": args.context, "gpu_batch": args.gpu_batch, "layers": layers,
+                               "host_pool_pinned": bool(host_pool.pinned)}
+    results["gpu_only"] = seconds_per_call(gpu_step(batch0), args.iters)
+    results["pipeline"] = []
+    for num_cpu in args.cpu_batches:
+        host_block_pool = BlockPool("cpu", host_pool.num_blocks, args.block_size)
+        batch1 = make_chunks(host_block_pool, num_cpu, args.context, 1, vocab, rng)
+        packed, rows = pack_pipeline_step(PipelineSchedule(batch0, batch1_cpu_chunks=batch1), runner.block_size,
+                                          runner.buckets)
+        sampling = pack_sampling(rows, eos)
+        pipeline = seconds_per_call(lambda: runner.run_pipeline(packed, sampling), args.iters)
+        extra_rows = make_chunks(BlockPool("gpu", num_gpu_blocks, args.block_size), num_cpu, 1, 1, vocab, rng)
+        gpu_side = seconds_per_call(gpu_step(batch0 + extra_rows), args.iters)
+        q = rng.standard_normal((num_cpu, model_config.num_heads, model_config.head_dim)).astype(
+            host_pool.dtype)
+        tables = np.asarray([chunk.request.block_table for chunk in batch1], np.int32)
+        lens = np.full(num_cpu, args.context, np.int32)
+        attend = lambda: [paged_decode_attention(q, host_pool.k_cache[layer], host_pool.v_cache[layer], tables, lens)
+                          for layer in range(layers)]
+        cpu_side = seconds_per_call(lambda: attend()[-1], max(2, args.iters // 2))
+        row = {"cpu_batch": num_cpu, "pipeline_s": pipeline["step_s"], "pipeline_first_call_s": pipeline["first_call_s"],
+               "gpu_side_s": gpu_side["step_s"], "cpu_side_s": cpu_side["step_s"]}
+        row["overlap_ratio"] = row["pipeline_s"] / max(row["gpu_side_s"], row["cpu_side_s"])
+        row["sides_within_20pct"] = (abs(row["gpu_side_s"] - row["cpu_side_s"])
+                                     <= 0.2 * max(row["gpu_side_s"], row["cpu_side_s"]))
+        if num_cpu == 1:
+            results["handoff_us_per_layer"] = (row["pipeline_s"] - results["gpu_only"]["step_s"]) / layers * 1e6
+        results["pipeline"].append(row)
+        print(row, flush=True)
+        write_json(args.output_json, results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# On the GPU machine: the issue-5 figures. Builds the package (skipped with NEO_SKIP_BUILD=1), runs the pipeline
+# equality tests (tests/neo_jax/test_pipeline.py) with JAX on the GPU, so the pipelined step goes through the CUDA
+# start/wait path, then scripts/benchmark_pipeline.py on llama-3-8b (handoff per layer, overlap). Writes
+# pipeline_log.txt and pipeline_h100.json into $OUT. TEST_TIMEOUT / BENCH_TIMEOUT: seconds per stage (0 skips);
+# BENCH_ARGS: more arguments for the benchmark. EXTRA: a command run after the build (an experiment).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/pipeline_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=16 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+export CMAKE_ARGS=${CMAKE_ARGS:--DCMAKE_CUDA_ARCHITECTURES=90-real}
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  if [ "${NEO_SKIP_BUILD:-0}" != 1 ]; then
+    start=$(date +%s)
+    python3 -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | grep -v "is ignored"
+    echo "build: $(( $(date +%s) - start )) s"
+  fi
+  python3 -c "from neo_jax.cpu_ops import handoff; print('cuda handoff:', handoff.cuda_handoff_available(), handoff.cuda_driver_status())"
+  if [ -n "${EXTRA:-}" ]; then bash -c "$EXTRA"; echo "extra exit code $?"; fi
+  if [ "${TEST_TIMEOUT:-150}" != 0 ]; then
+    timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q --tb=short -x -p no:cacheprovider tests/neo_jax/test_pipeline.py
+    echo "pipeline tests exit code $?"
+  fi
+  if [ "${BENCH_TIMEOUT:-200}" != 0 ]; then
+    timeout "${BENCH_TIMEOUT:-200}" python3 scripts/benchmark_pipeline.py --output-json "$OUT/pipeline_h100.json" \
+      ${BENCH_ARGS:-}
+    echo "pipeline benchmark exit code $?"
+  fi
+} 2>&1 | tee "$OUT/pipeline_log.txt"
