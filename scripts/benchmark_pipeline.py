@@ -6,7 +6,9 @@ same context, for each C of `--cpu-batches`. Per C, three figures from the same 
   gpu_side_s   the GPU-only step over batch-0 plus C more decode rows of one context token each (the linear
                work of batch-1 without its attention);
   cpu_side_s   layers x the CPU op's time for the C requests alone, on the host pool's own memory.
-handoff_us_per_layer = (pipeline_s with C = 1 - GPU-only step of batch-0) / layers; overlap_ratio =
+handoff_us_per_layer = (the step with one host-resident decode in batch-0's CPU share - the GPU-only step of
+batch-0) / layers: the start/wait cost alone. batch1_overhead_us_per_layer is the same with the request in
+batch-1, which also pays batch-1's own linear layers (a second read of the weights). overlap_ratio =
 pipeline_s / max(gpu_side_s, cpu_side_s). JSON goes to stdout and --output-json after every measurement.
 """
 
@@ -19,7 +21,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from benchmark_step import make_chunks
+from benchmark_step import make_chunks, profile_step
 from bench_common import machine_info, write_json
 from neo_jax.batch import pack_step
 from neo_jax.block_manager import BlockPool, blocks_for
@@ -53,6 +55,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--profile", action="store_true", help="trace the one-request steps (device time per kernel)")
     parser.add_argument("--output-json")
     args = parser.parse_args()
 
@@ -101,7 +104,16 @@ def main() -> None:
         row["sides_within_20pct"] = (abs(row["gpu_side_s"] - row["cpu_side_s"])
                                      <= 0.2 * max(row["gpu_side_s"], row["cpu_side_s"]))
         if num_cpu == 1:
-            results["handoff_us_per_layer"] = (row["pipeline_s"] - results["gpu_only"]["step_s"]) / layers * 1e6
+            packed_share, share_rows = pack_pipeline_step(PipelineSchedule(batch0, batch0_cpu_chunks=batch1),
+                                                           runner.block_size, runner.buckets)
+            share_sampling = pack_sampling(share_rows, eos)
+            run_share = lambda: runner.run_pipeline(packed_share, share_sampling)
+            row["share_pipeline_s"] = seconds_per_call(run_share, args.iters)["step_s"]
+            results["handoff_us_per_layer"] = (row["share_pipeline_s"] - results["gpu_only"]["step_s"]) / layers * 1e6
+            results["batch1_overhead_us_per_layer"] = (row["pipeline_s"] - results["gpu_only"]["step_s"]) / layers * 1e6
+            if args.profile:
+                row["profile_batch1"] = profile_step(lambda: runner.run_pipeline(packed, sampling))
+                row["profile_share"] = profile_step(run_share)
         results["pipeline"].append(row)
         print(row, flush=True)
         write_json(args.output_json, results)

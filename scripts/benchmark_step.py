@@ -17,7 +17,7 @@ import glob
 import os
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -85,17 +85,14 @@ def time_step(runner: ModelRunner, chunks: list[ScheduledChunk], eos: tuple[int,
     return {"step_s": synced_s, "step_back_to_back_s": pipelined_s, "pack_s": pack_s, "first_call_s": compile_s}
 
 
-def profile_step(runner: ModelRunner, chunks: list[ScheduledChunk], eos: tuple[int, ...], steps: int = 3,
-                 top: int = 30) -> dict[str, Any]:
-    """Device time per step from a jax.profiler trace of `steps` steps: per timeline line (GPU streams, XLA
-    ops) and the `top` kernels by time, to see where a step's time goes."""
-    batch, rows = pack_step(chunks, runner.block_size, runner.buckets)
-    sampling = pack_sampling(rows, eos)
-    np.asarray(runner.run(batch, sampling))
+def profile_step(run: Callable[[], jax.Array], steps: int = 3, top: int = 30) -> dict[str, Any]:
+    """Device time per step from a jax.profiler trace of `steps` calls of `run` (one step each, compiled
+    already): per timeline line (GPU streams, XLA ops) and the `top` kernels by time, to see where a step's
+    time goes."""
     with tempfile.TemporaryDirectory() as directory:
         with jax.profiler.trace(directory):
             for _ in range(steps):
-                np.asarray(runner.run(batch, sampling))
+                np.asarray(run())
         data = jax.profiler.ProfileData.from_file(glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)[0])
     line_us: dict[str, float] = collections.Counter()
     event_us: dict[tuple[str, str], float] = collections.Counter()
@@ -198,7 +195,10 @@ def main() -> None:
         if batch_size == args.profile_batch:
             pool = BlockPool("gpu", num_blocks, args.block_size)
             chunks = make_chunks(pool, batch_size, args.context, 1, model_config.vocab_size, rng)
-            results["decode"][-1]["profile"] = profile_step(runner, chunks, eos)
+            batch, rows = pack_step(chunks, runner.block_size, runner.buckets)
+            sampling = pack_sampling(rows, eos)
+            np.asarray(runner.run(batch, sampling))
+            results["decode"][-1]["profile"] = profile_step(lambda: runner.run(batch, sampling))
         write_json(args.output_json, results)
     if args.prefill_len == 0:
         return

@@ -6,7 +6,8 @@ differently. A mirror is: every step the offloading engine takes is replayed by 
 same chunks, with every request's KV in its own GPU cache. Batch-0's rows (GPU decodes, prefills to either
 pool, batch-0's CPU decodes) must give the same logits bit for bit. Batch-1 runs its out-projection and MLP of
 layer l next to its QKV of layer l+1, and XLA fuses and rounds that program differently: its rows must agree to
-float32 rounding (the tokens are identical either way).
+float32 rounding (the tokens are identical either way). Matmuls run at "highest" precision, so that on a GPU
+(where float32 matmuls default to TF32) both programs compute in float32.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
 
@@ -30,6 +32,12 @@ from neo_jax.sequence import Request
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 OPTIONS = dict(max_model_len=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=32)
 MS = 1e-3
+
+
+@pytest.fixture(autouse=True)
+def float32_matmuls():
+    with jax.default_matmul_precision("highest"):
+        yield
 
 
 def cost_table(tmp_path, cpu_ms_per_1k_tokens: float) -> str:
