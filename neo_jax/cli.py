@@ -7,6 +7,8 @@ import logging
 import time
 from collections.abc import Sequence
 
+from neo_jax.neo_policy import POLICIES
+
 DEFAULT_PROMPTS = (
     "The capital of France is",
     "Write a haiku about paged attention:",
@@ -23,9 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompts-file", help="a text file with one prompt per line")
     parser.add_argument("--model", default="tiny", help="HF checkpoint directory or preset name (default: tiny)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="default: the model's")
-    parser.add_argument("--policy", default="gpu-only")
+    parser.add_argument("--policy", default="gpu-only", choices=POLICIES)
     parser.add_argument("--max-model-len", type=int)
     parser.add_argument("--gpu-kv-cache-gb", type=float, help="cap on the GPU KV cache, GiB")
+    parser.add_argument("--cpu-kv-cache-gb", type=float,
+                        help="host KV pool of the offload policies, GiB (default: half the free host memory)")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--max-tokens", type=int, default=32)
@@ -54,7 +58,7 @@ def generate_main(argv: Sequence[str] | None = None) -> None:
 
     prompts = read_prompts(args)
     llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, gpu_kv_cache_gb=args.gpu_kv_cache_gb,
-              policy=args.policy, seed=args.seed, max_num_seqs=args.max_num_seqs,
+              policy=args.policy, cpu_kv_cache_gb=args.cpu_kv_cache_gb, seed=args.seed, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                             max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
