@@ -1,0 +1,127 @@
+"""The order the pipelined step's compiled schedule gives the host calls and the GPU work between them.
+
+Per layer l, the CPU's batch-1 attention must be started before batch-0's GPU work of layer l and waited for
+after it, and batch-0's CPU share must be started before batch-1's projections and waited for after them:
+
+    start share(l) < [batch-0 GPU attention] < wait batch-1(l) < [batch-1 post-attention + QKV(l+1)]
+                   < start batch-1(l+1) < wait share(l)
+
+The entry computation of XLA's scheduled module lists its instructions in execution order, so the test reads
+the custom calls' positions there and counts the matmuls (instructions reading a weight matrix) between them.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from neo_jax.batch import ScheduledChunk
+from neo_jax.block_manager import BlockPool, blocks_for
+from neo_jax.config import EngineConfig
+from neo_jax.engine import load_model
+from neo_jax.kv_cache import allocate_host_kv_pool
+from neo_jax.model_runner import ModelRunner, jitted_pipeline_step
+from neo_jax.pipeline_batch import PipelineSchedule, pack_pipeline_step
+from neo_jax.sampler import pack_sampling
+from neo_jax.sampling_params import SamplingParams
+from neo_jax.sequence import Request
+
+CONTEXT = 20
+BLOCK_SIZE = 4
+GPU_ROWS, SHARE_ROWS, BATCH1_ROWS = 2, 1, 2
+
+
+def decodes(pool: BlockPool, first_id: int, count: int, vocab_size: int) -> list[ScheduledChunk]:
+    """`count` requests of CONTEXT tokens whose last token is decoded this step."""
+    rng = np.random.default_rng(first_id)
+    chunks = []
+    for request_id in range(first_id, first_id + count):
+        request = Request(request_id, rng.integers(3, vocab_size, CONTEXT).tolist(),
+                          SamplingParams(temperature=0.0, max_tokens=1), seed=0)
+        request.num_computed_tokens = CONTEXT - 1
+        pool.grow(request, CONTEXT)
+        chunks.append(ScheduledChunk(request, 1))
+    return chunks
+
+
+@pytest.fixture(scope="module")
+def entry_schedule() -> tuple[list[str], int]:
+    """The instructions of the compiled step's entry computation, in schedule order, and the layer count."""
+    model_config, params = load_model("tiny", "float32", seed=0)
+    config = EngineConfig("tiny", dtype="float32", policy="cpu-all", block_size=BLOCK_SIZE, max_model_len=32,
+                          max_num_seqs=8)
+    num_blocks = 4 * blocks_for(CONTEXT, BLOCK_SIZE) + 1
+    host_pool = allocate_host_kv_pool(model_config, num_blocks, BLOCK_SIZE)
+    runner = ModelRunner(model_config, params, config, num_blocks, 32, host_pool)
+    vocab = model_config.vocab_size
+    host_blocks = BlockPool("cpu", num_blocks, BLOCK_SIZE)
+    schedule = PipelineSchedule(decodes(BlockPool("gpu", num_blocks, BLOCK_SIZE), 0, GPU_ROWS, vocab),
+                                batch0_cpu_chunks=decodes(host_blocks, 10, SHARE_ROWS, vocab),
+                                batch1_cpu_chunks=decodes(host_blocks, 20, BATCH1_ROWS, vocab))
+    batch, rows = pack_pipeline_step(schedule, BLOCK_SIZE, runner.buckets)
+    sampling = pack_sampling(rows, model_config.eos_token_ids)
+    compiled = jitted_pipeline_step.lower(params, runner.kv_cache, batch, sampling, model_config,
+                                          host_pool).compile()
+    text = compiled.as_text()
+    entry = text[text.index("\nENTRY "):]
+    entry = entry[:entry.index("\n}")]
+    return entry.splitlines()[1:], model_config.num_layers
+
+
+def weight_names(lines: list[str]) -> set[str]:
+    """The entry parameters that are weight matrices (float, rank 2)."""
+    names = set()
+    for line in lines:
+        match = re.match(r"\s*(%\S+) = f(16|32)\[\d+,\d+\]\S* parameter\(", line)
+        if match:
+            names.add(match.group(1))
+    return names
+
+
+def schedule_events(lines: list[str]) -> list[tuple[str, int]]:
+    """("start", rows 0), ("wait", rows of its output), ("attention", 0) and ("matmul", 0) in schedule order."""
+    weights = weight_names(lines)
+    events = []
+    for line in lines:
+        if 'custom_call_target="neo_cpu_attention_start"' in line:
+            events.append(("start", 0))
+        elif 'custom_call_target="neo_cpu_attention_wait"' in line:
+            events.append(("wait", int(re.search(r"= \w+\[(\d+),", line).group(1))))
+        elif 'custom_call_target="neo_paged_decode_attention"' in line:
+            events.append(("attention", 0))
+        elif "parameter(" not in line and any(re.search(re.escape(name) + r"\b", line) for name in weights):
+            events.append(("matmul", 0))
+    return events
+
+
+def test_host_calls_and_gpu_work_follow_the_pipeline_order(entry_schedule):
+    lines, num_layers = entry_schedule
+    events = schedule_events(lines)
+    calls = [kind for kind, _ in events if kind in ("start", "wait")]
+    # batch-1's layer-0 start, then per layer: the share's start, batch-1's wait, batch-1's next start (none
+    # after the last layer), the share's wait.
+    assert calls == ["start"] + ["start", "wait", "start", "wait"] * (num_layers - 1) + ["start", "wait", "wait"]
+    waits = [rows for kind, rows in events if kind == "wait"]
+    assert waits == [BATCH1_ROWS, SHARE_ROWS] * num_layers
+
+    def between(first: int, second: int) -> list[str]:
+        return [kind for kind, _ in events[first + 1:second]]
+
+    call_positions = [i for i, (kind, _) in enumerate(events) if kind in ("start", "wait")]
+    for layer in range(num_layers):
+        base = 1 + 4 * layer
+        share_start, batch1_wait = call_positions[base], call_positions[base + 1]
+        # batch-0's GPU attention runs while the CPU attends for batch-1
+        assert "attention" in between(share_start, batch1_wait)
+        if layer + 1 < num_layers:
+            next_batch1_start, share_wait = call_positions[base + 2], call_positions[base + 3]
+            # batch-1's out-projection, MLP and next QKV (7 matmuls) run while the CPU attends for the share
+            assert between(batch1_wait, next_batch1_start).count("matmul") >= 7
+            # batch-0's out-projection, MLP and next QKV come after the share's wait, before its next start
+            assert between(share_wait, call_positions[base + 4]).count("matmul") >= 7
+        else:
+            share_wait = call_positions[base + 2]
+            assert between(batch1_wait, share_wait).count("matmul") >= 4
