@@ -20,7 +20,8 @@ class EngineConfig:
     `gpu_memory_utilization` of the memory JAX may use (its allocator's limit, which already reflects
     XLA_PYTHON_CLIENT_MEM_FRACTION) minus what is in use and an activation reserve, capped by
     `gpu_kv_cache_gb` (GiB, lets benchmarks emulate a smaller GPU). Never more blocks than `max_num_seqs`
-    requests of `max_model_len` tokens can fill.
+    requests of `max_model_len` tokens can fill. With `tensor_parallel_size` N > 1 the weights and the KV cache
+    are split over N devices (neo_jax.sharding); the budgets above are per device.
     """
 
     model: str
@@ -34,13 +35,14 @@ class EngineConfig:
     max_num_seqs: int = 256
     policy: str = "gpu-only"
     seed: int = 0
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} is not one of {SUPPORTED_DTYPES}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy: {self.policy!r} is not available; choose one of {POLICIES}")
-        positive = ("block_size", "max_num_batched_tokens", "max_num_seqs")
+        positive = ("block_size", "max_num_batched_tokens", "max_num_seqs", "tensor_parallel_size")
         for field in positive + ("max_model_len", "num_gpu_blocks"):
             value = getattr(self, field)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):

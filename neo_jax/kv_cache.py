@@ -66,7 +66,8 @@ def num_gpu_blocks(model_config: ModelConfig, config: EngineConfig, max_model_le
     """Blocks of the GPU pool (scratch block included) under the config's memory budget."""
     if config.num_gpu_blocks is not None:
         return config.num_gpu_blocks
-    per_block = kv_bytes_per_block(model_config, config.block_size)
+    # Each device of a tensor-parallel mesh holds 1/N of every block's kv heads.
+    per_block = kv_bytes_per_block(model_config, config.block_size) // config.tensor_parallel_size
     device = device or jax.devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "bytes_limit" in stats:

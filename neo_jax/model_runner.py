@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from neo_jax.batch import ScheduledChunk, StepBatch, pack_step
 from neo_jax.config import EngineConfig, StepBuckets
@@ -11,6 +12,7 @@ from neo_jax.kv_cache import KVCache, allocate_kv_cache
 from neo_jax.models import llama
 from neo_jax.models.config import ModelConfig
 from neo_jax.sampler import SamplingBatch, pack_sampling
+from neo_jax.sharding import allocate_sharded_kv_cache
 from neo_jax.step import model_step
 
 
@@ -18,15 +20,15 @@ _num_traces = 0
 
 
 def _counted_step(params: llama.Params, kv_cache: KVCache, batch: StepBatch, sampling: SamplingBatch,
-                  config: ModelConfig) -> tuple[KVCache, jax.Array]:
+                  config: ModelConfig, mesh: Mesh | None) -> tuple[KVCache, jax.Array]:
     global _num_traces
     # Python here runs only while jit traces, once per new (shapes, config), right before XLA compiles.
     _num_traces += 1
-    return model_step(params, kv_cache, batch, sampling, config)
+    return model_step(params, kv_cache, batch, sampling, config, mesh)
 
 
 # One jitted function for every runner: engines whose shapes and model config agree share compiled steps.
-jitted_step = jax.jit(_counted_step, static_argnums=(4,), donate_argnums=(1,))
+jitted_step = jax.jit(_counted_step, static_argnums=(4, 5), donate_argnums=(1,))
 
 
 def num_step_compilations() -> int:
@@ -35,19 +37,24 @@ def num_step_compilations() -> int:
 
 
 class ModelRunner:
-    """Executes steps on one model's params and GPU KV cache."""
+    """Executes steps on one model's params and GPU KV cache (both sharded over `mesh` when given)."""
 
     def __init__(self, model_config: ModelConfig, params: llama.Params, config: EngineConfig, num_blocks: int,
-                 max_model_len: int) -> None:
+                 max_model_len: int, mesh: Mesh | None = None) -> None:
         self.model_config = model_config
         self.params = params
         self.block_size = config.block_size
         self.buckets = StepBuckets.for_engine(config, max_model_len)
-        self.kv_cache = allocate_kv_cache(model_config, num_blocks, config.block_size)
+        self.mesh = mesh
+        if mesh is None:
+            self.kv_cache = allocate_kv_cache(model_config, num_blocks, config.block_size)
+        else:
+            self.kv_cache = allocate_sharded_kv_cache(model_config, num_blocks, config.block_size, mesh)
 
     def run(self, batch: StepBatch, sampling: SamplingBatch) -> jax.Array:
         """Runs one packed step on the device; the sampled tokens int32[R] (not yet fetched)."""
-        self.kv_cache, tokens = jitted_step(self.params, self.kv_cache, batch, sampling, self.model_config)
+        self.kv_cache, tokens = jitted_step(self.params, self.kv_cache, batch, sampling, self.model_config,
+                                            self.mesh)
         return tokens
 
     def execute(self, chunks: list[ScheduledChunk], eos_token_ids: tuple[int, ...]) -> dict[int, int]:

@@ -27,6 +27,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the weights and KV cache split over")
     parser.add_argument("--output-json", default=None, help="write the results here")
 
 
@@ -34,7 +35,7 @@ def engine_from_args(args: argparse.Namespace, **overrides: Any) -> LLMEngine:
     options = dict(model=args.model, dtype=args.dtype, policy=args.policy, max_model_len=args.max_model_len,
                    gpu_kv_cache_gb=args.gpu_kv_cache_gb, gpu_memory_utilization=args.gpu_memory_utilization,
                    max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                   block_size=args.block_size, seed=args.seed)
+                   block_size=args.block_size, seed=args.seed, tensor_parallel_size=args.tensor_parallel_size)
     options.update(overrides)
     return LLMEngine(EngineConfig(**options))
 
