@@ -44,11 +44,13 @@ def kv_bytes_per_block(model_config: ModelConfig, block_size: int) -> int:
     return 2 * model_config.num_layers * model_config.num_kv_heads * block_size * model_config.head_dim * itemsize
 
 
-def allocate_kv_cache(model_config: ModelConfig, num_blocks: int, block_size: int) -> KVCache:
-    """A zeroed cache made on the default device (zeros keep padded reads finite)."""
+def allocate_kv_cache(model_config: ModelConfig, num_blocks: int, block_size: int,
+                      sharding: jax.sharding.Sharding | None = None) -> KVCache:
+    """A zeroed cache made on the default device, or in place with `sharding` (zeros keep padded reads finite)."""
     shape = (model_config.num_layers, num_blocks, model_config.num_kv_heads, block_size, model_config.head_dim)
     dtype = jnp.dtype(model_config.dtype)
-    make = jax.jit(lambda: KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)))
+    make = jax.jit(lambda: KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)),
+                   out_shardings=None if sharding is None else KVCache(k=sharding, v=sharding))
     return make()
 
 

@@ -12,7 +12,7 @@ from neo_jax.kv_cache import KVCache, allocate_kv_cache
 from neo_jax.models import llama
 from neo_jax.models.config import ModelConfig
 from neo_jax.sampler import SamplingBatch, pack_sampling
-from neo_jax.sharding import allocate_sharded_kv_cache
+from neo_jax.sharding import kv_cache_sharding
 from neo_jax.step import model_step
 
 
@@ -46,10 +46,8 @@ class ModelRunner:
         self.block_size = config.block_size
         self.buckets = StepBuckets.for_engine(config, max_model_len)
         self.mesh = mesh
-        if mesh is None:
-            self.kv_cache = allocate_kv_cache(model_config, num_blocks, config.block_size)
-        else:
-            self.kv_cache = allocate_sharded_kv_cache(model_config, num_blocks, config.block_size, mesh)
+        self.kv_cache = allocate_kv_cache(model_config, num_blocks, config.block_size,
+                                          None if mesh is None else kv_cache_sharding(mesh))
 
     def run(self, batch: StepBatch, sampling: SamplingBatch) -> jax.Array:
         """Runs one packed step on the device; the sampled tokens int32[R] (not yet fetched)."""

@@ -20,7 +20,6 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from neo_jax.kv_cache import KVCache
 from neo_jax.models import llama
 from neo_jax.models.config import ModelConfig
 
@@ -84,34 +83,15 @@ def shard_params(params: llama.Params, model_config: ModelConfig, mesh: Mesh) ->
 
 
 def init_sharded_params(model_config: ModelConfig, key: jax.Array, mesh: Mesh) -> llama.Params:
-    """llama.init_params made directly in its shards (never whole on one device); same values."""
+    """llama.init_params's values, made by one program over the mesh: each device keeps only its shards."""
     check_tensor_parallel_size(model_config, mesh.shape[TP_AXIS])
     shardings = _named(mesh, param_specs(model_config, mesh.shape[TP_AXIS]))
     return jax.jit(llama.init_params, static_argnums=0, out_shardings=shardings)(model_config, key)
 
 
 def kv_cache_sharding(mesh: Mesh) -> NamedSharding:
+    """Where the GPU KV cache [L, N, Hkv, bs, Dh] lives: split over kv heads."""
     return NamedSharding(mesh, KV_CACHE_SPEC)
-
-
-def allocate_sharded_kv_cache(model_config: ModelConfig, num_blocks: int, block_size: int, mesh: Mesh) -> KVCache:
-    """A zeroed cache [L, num_blocks, Hkv, block_size, Dh] made in place on the mesh, split over kv heads."""
-    check_tensor_parallel_size(model_config, mesh.shape[TP_AXIS])
-    shape = (model_config.num_layers, num_blocks, model_config.num_kv_heads, block_size, model_config.head_dim)
-    sharding = kv_cache_sharding(mesh)
-    make = jax.jit(lambda: KVCache(k=jax.numpy.zeros(shape, model_config.dtype),
-                                   v=jax.numpy.zeros(shape, model_config.dtype)),
-                   out_shardings=KVCache(k=sharding, v=sharding))
-    return make()
-
-
-def shard_kv_cache(kv_cache: KVCache, mesh: Mesh) -> KVCache:
-    """An existing cache moved onto the mesh, split over kv heads."""
-    if kv_cache.k.shape[2] % mesh.shape[TP_AXIS]:
-        raise ValueError(f"kv_cache: {kv_cache.k.shape[2]} kv heads are not divisible by "
-                         f"tensor_parallel_size {mesh.shape[TP_AXIS]}")
-    sharding = kv_cache_sharding(mesh)
-    return jax.device_put(kv_cache, KVCache(k=sharding, v=sharding))
 
 
 def shard_over_heads(function: Callable, mesh: Mesh | None, in_specs: tuple, out_specs) -> Callable:

@@ -117,11 +117,27 @@ def host_attention_matches(tensor_parallel_size: int) -> dict:
                                                    plain_pool.v_cache))}
 
 
+def sharded_params_equal(tensor_parallel_size: int) -> bool:
+    """init_sharded_params and shard_params(init_params) give init_params's values."""
+    import jax
+    import numpy as np
+
+    from neo_jax.models import llama
+    from neo_jax.sharding import init_sharded_params, make_mesh, shard_params
+
+    mesh, key = make_mesh(tensor_parallel_size), jax.random.key(3)
+    single = llama.init_params(TP_CONFIG, key)
+    candidates = (init_sharded_params(TP_CONFIG, key, mesh), shard_params(single, TP_CONFIG, mesh))
+    return all(len(leaf.sharding.device_set) == tensor_parallel_size and np.array_equal(leaf, expected)
+               for params in candidates for leaf, expected in zip(jax.tree.leaves(params), jax.tree.leaves(single)))
+
+
 def run_sharded_checks() -> dict:
     from neo_jax import LLM
 
     PRESETS[TP_MODEL] = TP_CONFIG
     results = {f"generate_tp{n}": generate_greedy(n) for n in (1, 2, 4)}
+    results.update({f"params_tp{n}": sharded_params_equal(n) for n in (2, 4)})
     results.update({f"host_tp{n}": host_attention_matches(n) for n in (2, 4)})
     results["error_tp3"] = error_of(lambda: LLM(TP_MODEL, tensor_parallel_size=3, **ENGINE_OPTIONS))
     results["error_tp8"] = error_of(lambda: LLM(TP_MODEL, tensor_parallel_size=8, **ENGINE_OPTIONS))
@@ -154,6 +170,11 @@ def test_cache_and_weights_split_over_heads(sharded_results, tensor_parallel_siz
     assert result["cache_shard_shape"] == [c.num_layers, 48, c.num_kv_heads // tensor_parallel_size, 8, c.head_dim]
     assert result["wq_shard_shape"] == [c.num_layers, c.hidden_size, c.num_heads * c.head_dim // tensor_parallel_size]
     assert result["w_down_shard_shape"] == [c.num_layers, c.intermediate_size // tensor_parallel_size, c.hidden_size]
+
+
+@pytest.mark.parametrize("tensor_parallel_size", [2, 4])
+def test_sharded_params_equal_single_device_params(sharded_results, tensor_parallel_size):
+    assert sharded_results[f"params_tp{tensor_parallel_size}"]
 
 
 @pytest.mark.parametrize("tensor_parallel_size", [2, 4])
