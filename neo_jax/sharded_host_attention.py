@@ -7,7 +7,8 @@ attribute, so the single traced body of a `shard_map` reaches each shard's heads
 layer; a pool per shard would need a different static pool id per shard, which an SPMD body cannot say.
 Every call goes to the one host worker pool, and a shard's calls read and write only its own heads, so shards
 never touch the same memory. Blocks keep the ids of the single-device pool: block b of every shard's layers
-belongs to the same request.
+belongs to the same request. On GPUs each device's calls go through that device's own CUDA handoff (doorbell
+and dispatcher thread); the dispatchers take turns on the worker pool.
 
     pending = sharded_cpu_attention_start(pool, mesh, q, k_new, v_new, layer, slots, tables, lens)
     pending, x0 = jax.lax.optimization_barrier((pending, x0))

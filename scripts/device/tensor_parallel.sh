@@ -2,8 +2,8 @@
 # On a machine of 2 (or more) GPUs (nvidia-h200-x2): llama-3.1-70b in bf16 (random weights, ~132 GiB, so it
 # needs tensor parallelism) served with tensor_parallel_size=$TP, gpu-only vs neo offline throughput through
 # scripts/benchmark_throughput.py. First the sharded tests on the GPUs' host (CPU backend), then the runs.
-# Writes log.txt and tp${TP}_<policy>.json into $OUT. The neo run needs the pipelined step and a CUDA handoff
-# per device (see the report of issue 7); it is attempted, and its failure is logged, not fatal.
+# Writes log.txt and tp${TP}_<policy>.json into $OUT. The neo run needs the pipelined step (the "neo" policy)
+# to call neo_jax/sharded_host_attention.py; until then it fails at once, which is logged, not fatal.
 # The device tool allows 10 minutes a command: SKIP_TESTS=1 and POLICIES="gpu-only" / "neo" split the work.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
