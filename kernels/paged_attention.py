@@ -7,13 +7,15 @@ Layouts (the host pool's too, so that swaps are block copies):
 GQA of any ratio, softmax in fp32, scale 1/sqrt(D) unless given.
 
 `paged_decode_attention` lowers to the CUDA kernel (neo_jax.kernels._cuda, an XLA FFI custom call) when
-the program is compiled for a CUDA GPU and the kernel supports the shapes; to the gather-based reference
-everywhere else. To attend one layer of a stacked cache [L, N, ...] without copying the layer out, view it
+the program is compiled for a CUDA GPU and the kernel supports the shapes; on JAX's CPU backend to the CPU
+op of neo_jax.cpu_ops (the very kernel that attends host-resident requests in the pipeline, so a request's
+attention has the same bits wherever its KV lives); to the gather-based reference everywhere else. To attend one layer of a stacked cache [L, N, ...] without copying the layer out, view it
 as [L * N, ...] and offset the block tables by layer * N.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -21,6 +23,8 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from neo_jax.cpu_ops import jax_paged_decode_attention
 
 try:
     from neo_jax.kernels import _cuda
@@ -31,6 +35,12 @@ FFI_TARGET = "neo_jax_paged_decode_attention"
 CUDA_HEAD_DIMS = (64, 128)
 CUDA_BLOCK_SIZES = (16, 32)
 CUDA_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+# The kernel's limits (kernels/cuda/paged_attention_kernels.cuh): tokens of one split, query heads of one CTA,
+# warps of one CTA; and the resident CTAs per multiprocessor that the split count aims at.
+CUDA_MAX_PARTITION_TOKENS = 512
+CUDA_MAX_GROUP_TILE = 8
+CUDA_NUM_WARPS = 4
+CUDA_TARGET_CTAS_PER_SM = 4
 
 if _cuda is not None:
     jax.ffi.register_ffi_target(FFI_TARGET, _cuda.paged_decode_attention_handler(), platform="CUDA")
@@ -95,6 +105,41 @@ def cuda_kernel_unsupported_reason(q: jax.Array, k_cache: jax.Array) -> str | No
     return None
 
 
+@functools.cache
+def gpu_multiprocessor_count() -> int:
+    """Multiprocessors of the first CUDA GPU; an H100's 132 where there is none (programs lowered for CUDA on a
+    machine without a GPU never run)."""
+    try:
+        return jax.devices("cuda")[0].core_count
+    except (RuntimeError, AttributeError):
+        return 132
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaLaunch:
+    """How the kernel covers a call: query heads per CTA, KV blocks per split-K partition, partitions."""
+
+    group_tile: int
+    partition_blocks: int
+    num_splits: int
+
+
+def cuda_launch(batch: int, num_heads: int, num_kv_heads: int, block_size: int, max_blocks: int,
+                partition_blocks: int = 0, num_multiprocessors: int | None = None) -> CudaLaunch:
+    """The launch for these shapes. partition_blocks 0: enough splits for CUDA_TARGET_CTAS_PER_SM CTAs per
+    multiprocessor, at least one block per warp; at most CUDA_MAX_PARTITION_TOKENS tokens either way."""
+    group_size = num_heads // num_kv_heads
+    group_tile = min(1 << (group_size - 1).bit_length(), CUDA_MAX_GROUP_TILE)
+    largest = CUDA_MAX_PARTITION_TOKENS // block_size
+    if partition_blocks <= 0:
+        base_ctas = batch * num_kv_heads * -(-group_size // group_tile)
+        sms = gpu_multiprocessor_count() if num_multiprocessors is None else num_multiprocessors
+        wanted_splits = -(-sms * CUDA_TARGET_CTAS_PER_SM // max(base_ctas, 1))
+        partition_blocks = max(-(-max_blocks // wanted_splits), min(CUDA_NUM_WARPS, max_blocks))
+    partition_blocks = min(partition_blocks, largest)
+    return CudaLaunch(group_tile, partition_blocks, -(-max_blocks // partition_blocks))
+
+
 def paged_decode_attention_cuda(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, block_tables: jax.Array,
                                 context_lens: jax.Array, scale: float | None = None,
                                 partition_blocks: int = 0) -> jax.Array:
@@ -107,9 +152,17 @@ def paged_decode_attention_cuda(q: jax.Array, k_cache: jax.Array, v_cache: jax.A
     if partition_blocks < 0:
         raise ValueError(f"partition_blocks must be >= 0, got {partition_blocks}")
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
-    call = jax.ffi.ffi_call(FFI_TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype))
-    return call(q, k_cache, v_cache, block_tables, context_lens, scale=np.float32(scale),
-                partition_blocks=np.int32(partition_blocks))
+    batch, num_heads, head_dim = q.shape
+    launch = cuda_launch(batch, num_heads, k_cache.shape[1], k_cache.shape[2], block_tables.shape[1],
+                         partition_blocks)
+    split_rows = batch * num_heads * launch.num_splits if launch.num_splits > 1 else 0
+    results = (jax.ShapeDtypeStruct(q.shape, q.dtype),
+               jax.ShapeDtypeStruct((max(split_rows * head_dim, 1),), jnp.float32),  # split-K partial outputs
+               jax.ShapeDtypeStruct((max(split_rows, 1),), jnp.float32))  # and their log-sum-exps
+    out, _, _ = jax.ffi.ffi_call(FFI_TARGET, results)(
+        q, k_cache, v_cache, block_tables, context_lens, scale=np.float32(scale),
+        partition_blocks=np.int32(launch.partition_blocks), group_tile=np.int32(launch.group_tile))
+    return out
 
 
 @functools.cache
@@ -120,14 +173,16 @@ def _warn_fallback(reason: str) -> None:
 
 def paged_decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, block_tables: jax.Array,
                            context_lens: jax.Array, scale: float | None = None) -> jax.Array:
-    """The CUDA kernel in programs compiled for a CUDA GPU, the reference elsewhere or for shapes it lacks."""
+    """The CUDA kernel in programs compiled for a CUDA GPU, the CPU op on the CPU backend, the reference
+    elsewhere or for shapes the kernel lacks."""
     check_paged_attention_inputs(q, k_cache, v_cache, block_tables, context_lens)
     operands = (q, k_cache, v_cache, block_tables, context_lens)
     reference = functools.partial(paged_decode_attention_reference, scale=scale)
+    cpu_op = functools.partial(jax_paged_decode_attention, scale=scale)
     reason = cuda_kernel_unsupported_reason(q, k_cache)
     if reason is not None:
         if jax.default_backend() == "gpu":
             _warn_fallback(reason)
-        return reference(*operands)
+        return jax.lax.platform_dependent(*operands, cpu=cpu_op, default=reference)
     return jax.lax.platform_dependent(*operands, cuda=functools.partial(paged_decode_attention_cuda, scale=scale),
-                                      default=reference)
+                                      cpu=cpu_op, default=reference)

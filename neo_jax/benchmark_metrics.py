@@ -77,3 +77,38 @@ def summarize(traces: list[RequestTrace], duration_s: float) -> dict[str, float]
     summary.update(_stats("itl", [b - a for t in done for a, b in zip(t.token_times, t.token_times[1:])]))
     summary.update(_stats("e2el", [t.token_times[-1] - t.arrival for t in done]))
     return summary
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
+    """Bytes of K and V that one context token holds over all layers."""
+    return 2 * num_layers * num_kv_heads * head_dim * dtype_bytes
+
+
+def bandwidth_bound(host_read_bytes_per_s: float, step_seconds: float, num_steps: int, gpu_kv_tokens_read: int,
+                    cpu_kv_tokens_read: int, kv_bytes_per_token: int) -> dict[str, float | None]:
+    """How far CPU attention can lift throughput over the GPU-only plan, from one run's measurements.
+
+    In a step of mean length t the host can read host_read_bytes_per_s * t bytes of KV; the GPU read
+    G bytes of GPU-resident KV. Decodes are KV-bound, so the CPU's share adds at most that many bytes
+    again: throughput <= (1 + host_read_bytes_per_s * t / G) x GPU-only. `bound` is None when no GPU
+    KV was read (nothing to compare with). `cpu_read_fraction` says how much of the host bandwidth the
+    run's CPU attention used.
+    """
+    if num_steps <= 0 or step_seconds <= 0:
+        raise ValueError(f"num_steps and step_seconds must be positive, got {num_steps} and {step_seconds}")
+    mean_step_s = step_seconds / num_steps
+    gpu_bytes_per_step = gpu_kv_tokens_read * kv_bytes_per_token / num_steps
+    cpu_bytes_per_step = cpu_kv_tokens_read * kv_bytes_per_token / num_steps
+    host_bytes_per_step = host_read_bytes_per_s * mean_step_s
+    return {
+        "host_read_gb_per_s": host_read_bytes_per_s / 1e9,
+        "mean_step_ms": mean_step_s * 1000.0,
+        "gpu_kv_mb_per_step": gpu_bytes_per_step / 1e6,
+        "cpu_kv_mb_per_step": cpu_bytes_per_step / 1e6,
+        "cpu_read_fraction": cpu_bytes_per_step / host_bytes_per_step,
+        "bound": 1.0 + host_bytes_per_step / gpu_bytes_per_step if gpu_bytes_per_step > 0 else None,
+    }
+
+
+def format_bound(bound: float | None) -> str:
+    return "bound: none (no GPU-resident KV read)" if bound is None else f"bound: up to {bound:.2f}x gpu-only"

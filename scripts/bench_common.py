@@ -1,19 +1,26 @@
-"""What the benchmark scripts share: engine options on the command line, the machine and commit, JSON out."""
+"""What the benchmark scripts share: engine options on the command line, the machine and commit, the time spent
+in engine steps with the scheduler's counters, the host read bandwidth and the bound it puts on the gain, JSON out."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-import platform
 import subprocess
 import sys
+import time
 from typing import Any
 
 import jax
+import numpy as np
 
+from neo_jax.benchmark_metrics import bandwidth_bound, kv_bytes_per_token
 from neo_jax.config import EngineConfig
+from neo_jax.cost_model import DTYPE_BYTES, MachineId
+from neo_jax.cpu_ops import cpu_isa, num_threads, read_bandwidth_probe
 from neo_jax.engine import LLMEngine
+from neo_jax.sequence import Request
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,44 +29,96 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", default="gpu-only")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--gpu-kv-cache-gb", type=float, default=None)
+    parser.add_argument("--cpu-kv-cache-gb", type=float, default=None, help="host KV pool size (GiB)")
+    parser.add_argument("--cost-table", default=None, help="cost model JSON (default: the profiled table of "
+                        "this model and machine, see scripts/profile.py)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the weights and KV cache split over")
+    parser.add_argument("--scenario", default=None, help="name of the setting in plots (default: model and KV sizes)")
+    parser.add_argument("--bandwidth-probe-mb", type=int, default=1024, help="MiB the host read-bandwidth probe reads")
     parser.add_argument("--output-json", default=None, help="write the results here")
 
 
-def engine_from_args(args: argparse.Namespace, **overrides: Any) -> LLMEngine:
-    options = dict(model=args.model, dtype=args.dtype, policy=args.policy, max_model_len=args.max_model_len,
-                   gpu_kv_cache_gb=args.gpu_kv_cache_gb, gpu_memory_utilization=args.gpu_memory_utilization,
-                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                   block_size=args.block_size, seed=args.seed, tensor_parallel_size=args.tensor_parallel_size)
-    options.update(overrides)
-    return LLMEngine(EngineConfig(**options))
+def engine_from_args(args: argparse.Namespace) -> LLMEngine:
+    return LLMEngine(EngineConfig(
+        model=args.model, dtype=args.dtype, policy=args.policy, max_model_len=args.max_model_len,
+        gpu_kv_cache_gb=args.gpu_kv_cache_gb, gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        cpu_kv_cache_gb=args.cpu_kv_cache_gb, cost_table=args.cost_table, block_size=args.block_size, seed=args.seed,
+        tensor_parallel_size=args.tensor_parallel_size))
+
+
+def scenario_name(args: argparse.Namespace) -> str:
+    if args.scenario:
+        return args.scenario
+    gpu = "auto" if args.gpu_kv_cache_gb is None else f"{args.gpu_kv_cache_gb:g}"
+    cpu = "auto" if args.cpu_kv_cache_gb is None else f"{args.cpu_kv_cache_gb:g}"
+    return f"{os.path.basename(os.path.normpath(args.model))} gpu-kv {gpu} GiB cpu-kv {cpu} GiB"
+
+
+def host_read_gb_per_s(probe_mb: int) -> float:
+    """Median GB/s of the CPU op's multithreaded read probe, measured now."""
+    return float(np.median(read_bandwidth_probe(probe_mb << 20, 5)))
+
+
+class StepMeter:
+    """Steps an engine, keeping the wall time of each `engine.step()` and the scheduler's counters from the
+    moment the meter was made."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.step_times: list[float] = []
+        self._start = dataclasses.asdict(engine.scheduler.stats)
+
+    def step(self) -> list[Request]:
+        start = time.perf_counter()
+        finished = self.engine.step()
+        self.step_times.append(time.perf_counter() - start)
+        return finished
+
+    def counters(self) -> dict[str, int]:
+        now = dataclasses.asdict(self.engine.scheduler.stats)
+        return {name: now[name] - self._start[name] for name in now}
+
+    def bound(self, host_gb_per_s: float) -> dict[str, Any]:
+        """The run's counters and its bandwidth bound on the gain over GPU-only (benchmark_metrics), with the
+        median and longest step (a longest step far above the median is an XLA compile inside the run)."""
+        counters, config = self.counters(), self.engine.model_config
+        per_token = kv_bytes_per_token(config.num_layers, config.num_kv_heads, config.head_dim,
+                                       DTYPE_BYTES[config.dtype])
+        bound = bandwidth_bound(host_gb_per_s * 1e9, sum(self.step_times), counters["num_steps"],
+                                counters["gpu_kv_tokens_read"], counters["cpu_kv_tokens_read"], per_token)
+        return {"counters": counters, **bound, "median_step_ms": 1000.0 * float(np.median(self.step_times)),
+                "max_step_ms": 1000.0 * max(self.step_times)}
+
+
+def pool_sizes(engine: LLMEngine) -> dict[str, int]:
+    return {"num_gpu_blocks": engine.pool.num_blocks,
+            "num_cpu_blocks": engine.host_pool.num_blocks if engine.host_pool is not None else 0}
 
 
 def machine_info() -> dict[str, Any]:
-    """The accelerator, the host CPU and the commit, for the JSON of every benchmark."""
-    cpu_model = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                             cpu_model)
+    """The accelerator, the host CPU (as the cost tables name it) and the commit, for the JSON of every benchmark."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     device = jax.devices()[0]
+    machine = MachineId.current(device.device_kind)
     return {"device": f"{device.platform}:{device.device_kind}", "num_devices": jax.device_count(),
-            "cpu": cpu_model, "cpu_count": os.cpu_count(), "jax": jax.__version__, "commit": commit,
+            "cpu": machine.cpu_model, "cpu_count": machine.cpu_count, "cpu_isa": cpu_isa(),
+            "cpu_attention_threads": num_threads(), "jax": jax.__version__, "commit": commit,
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
 
 
-def write_json(path: str | None, results: dict[str, Any]) -> None:
-    print(json.dumps(results, indent=2))
+def write_json(path: str | None, results: dict[str, Any], echo: bool = True) -> None:
+    if echo:
+        print(json.dumps(results, indent=2))
     if path:
         with open(path, "w") as f:
             json.dump(results, f, indent=2)

@@ -17,15 +17,21 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from bench_common import add_engine_arguments, engine_from_args, machine_info, write_json
-from neo_jax.benchmark_metrics import RequestTrace, poisson_arrivals, random_lengths, random_prompts, summarize
+from bench_common import (
+    StepMeter, add_engine_arguments, engine_from_args, host_read_gb_per_s, machine_info, pool_sizes, scenario_name,
+    write_json,
+)
+from neo_jax.benchmark_metrics import (
+    RequestTrace, format_bound, poisson_arrivals, random_lengths, random_prompts, summarize,
+)
 from neo_jax.engine import LLMEngine
 from neo_jax.sampling_params import SamplingParams
 
 
 def serve(engine: LLMEngine, prompts: list[list[int]], output_lens: list[int],
-          arrivals: np.ndarray) -> tuple[list[RequestTrace], float]:
-    """Replays the arrivals against the engine; each request's token times, and the run's duration."""
+          arrivals: np.ndarray) -> tuple[list[RequestTrace], float, StepMeter]:
+    """Replays the arrivals against the engine; each request's token times, the run's duration, the steps' meter."""
+    meter = StepMeter(engine)
     traces = [RequestTrace(arrival=float(a), prompt_len=len(p)) for a, p in zip(arrivals, prompts)]
     live: dict[int, tuple[RequestTrace, object]] = {}
     next_arrival = 0
@@ -41,17 +47,17 @@ def serve(engine: LLMEngine, prompts: list[list[int]], output_lens: list[int],
             if not engine.has_unfinished_requests():
                 time.sleep(max(0.0, arrivals[next_arrival] - now))
                 continue
-            finished = engine.step()
+            finished = meter.step()
             stamp = time.perf_counter() - start
             for trace, request in live.values():
                 trace.token_times.extend([stamp] * (len(request.output_token_ids) - trace.output_len))
             for request in finished:
                 live.pop(request.request_id)
             bar.update(len(finished))
-    return traces, time.perf_counter() - start
+    return traces, time.perf_counter() - start, meter
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_arguments(parser)
     parser.add_argument("--num-prompts", type=int, default=64)
@@ -60,23 +66,28 @@ def main() -> None:
     parser.add_argument("--range-ratio", type=float, default=0.0)
     parser.add_argument("--request-rate", type=float, nargs="+", default=[float("inf")],
                         help="requests per second; several values make a sweep; inf sends all at once")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     engine = engine_from_args(args)
     rng = np.random.default_rng(args.seed)
     input_lens = random_lengths(args.num_prompts, args.input_len, args.range_ratio, rng)
     output_lens = random_lengths(args.num_prompts, args.output_len, args.range_ratio, rng)
     prompts = random_prompts(input_lens, engine.model_config.vocab_size, rng)
+    host_gb_per_s = host_read_gb_per_s(args.bandwidth_probe_mb)
     runs = []
+    results = {"benchmark": "serving", "scenario": scenario_name(args), "policy": args.policy,
+               "machine": machine_info(), "args": vars(args), **pool_sizes(engine), "runs": runs}
     for rate in args.request_rate:
         arrivals = poisson_arrivals(args.num_prompts, rate, np.random.default_rng(args.seed))
         serve(engine, prompts, output_lens, arrivals)
-        traces, duration = serve(engine, prompts, output_lens, arrivals)
-        runs.append({"request_rate": rate, **summarize(traces, duration)})
-        print(f"rate {rate}: {runs[-1]['request_throughput']:.2f} req/s, "
-              f"p99 TPOT {runs[-1].get('p99_tpot_ms', float('nan')):.1f} ms")
-    write_json(args.output_json, {"benchmark": "serving", "machine": machine_info(), "args": vars(args),
-                                  "num_gpu_blocks": engine.pool.num_blocks, "runs": runs})
+        traces, duration, meter = serve(engine, prompts, output_lens, arrivals)
+        runs.append({"request_rate": rate, **summarize(traces, duration), "bandwidth_bound": meter.bound(host_gb_per_s)})
+        print(f"{args.policy} rate {rate}: {runs[-1]['request_throughput']:.2f} req/s, "
+              f"{runs[-1]['output_throughput']:.1f} output tokens/s, "
+              f"p99 TPOT {runs[-1].get('p99_tpot_ms', float('nan')):.1f} ms; "
+              f"{format_bound(runs[-1]['bandwidth_bound']['bound'])}")
+        write_json(args.output_json, results, echo=False)  # a sweep cut short keeps the rates it finished
+    write_json(args.output_json, results)
 
 
 if __name__ == "__main__":

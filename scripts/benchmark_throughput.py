@@ -15,24 +15,29 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from bench_common import add_engine_arguments, engine_from_args, machine_info, write_json
-from neo_jax.benchmark_metrics import random_lengths, random_prompts
+from bench_common import (
+    StepMeter, add_engine_arguments, engine_from_args, host_read_gb_per_s, machine_info, pool_sizes, scenario_name,
+    write_json,
+)
+from neo_jax.benchmark_metrics import format_bound, random_lengths, random_prompts
 from neo_jax.engine import LLMEngine
 from neo_jax.sampling_params import SamplingParams
 
 
-def run_requests(engine: LLMEngine, prompts: list[list[int]], output_lens: list[int], desc: str) -> float:
-    """Queues every request, steps the engine until all finish; the elapsed seconds."""
+def run_requests(engine: LLMEngine, prompts: list[list[int]], output_lens: list[int],
+                 desc: str) -> tuple[float, StepMeter]:
+    """Queues every request, steps the engine until all finish; the elapsed seconds and the steps' meter."""
+    meter = StepMeter(engine)
     start = time.perf_counter()
     for prompt, output_len in zip(prompts, output_lens):
         engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True))
     with tqdm(total=len(prompts), desc=desc, unit="req") as bar:
         while engine.has_unfinished_requests():
-            bar.update(len(engine.step()))
-    return time.perf_counter() - start
+            bar.update(len(meter.step()))
+    return time.perf_counter() - start, meter
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_arguments(parser)
     parser.add_argument("--num-prompts", type=int, default=64)
@@ -40,7 +45,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--range-ratio", type=float, default=0.0, help="lengths uniform in len*(1 +- ratio)")
     parser.add_argument("--warmup-output-len", type=int, default=4)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     engine = engine_from_args(args)
     rng = np.random.default_rng(args.seed)
@@ -48,15 +53,19 @@ def main() -> None:
     output_lens = random_lengths(args.num_prompts, args.output_len, args.range_ratio, rng)
     prompts = random_prompts(input_lens, engine.model_config.vocab_size, rng)
     run_requests(engine, prompts, [min(n, args.warmup_output_len) for n in output_lens], "warm-up")
-    elapsed = run_requests(engine, prompts, output_lens, args.policy)
+    elapsed, meter = run_requests(engine, prompts, output_lens, args.policy)
+    bound = meter.bound(host_read_gb_per_s(args.bandwidth_probe_mb))
 
     total_in, total_out = sum(input_lens), sum(output_lens)
-    write_json(args.output_json, {
-        "benchmark": "throughput", "machine": machine_info(), "args": vars(args),
-        "num_gpu_blocks": engine.pool.num_blocks, "elapsed_s": elapsed,
+    results = {
+        "benchmark": "throughput", "scenario": scenario_name(args), "policy": args.policy, "machine": machine_info(),
+        "args": vars(args), **pool_sizes(engine), "elapsed_s": elapsed,
         "requests_per_s": args.num_prompts / elapsed, "total_tokens_per_s": (total_in + total_out) / elapsed,
-        "output_tokens_per_s": total_out / elapsed,
-    })
+        "output_tokens_per_s": total_out / elapsed, "bandwidth_bound": bound,
+    }
+    write_json(args.output_json, results)
+    print(f"{args.policy}: {results['requests_per_s']:.2f} req/s, {results['total_tokens_per_s']:.1f} tokens/s, "
+          f"{results['output_tokens_per_s']:.1f} output tokens/s; {format_bound(bound['bound'])}")
 
 
 if __name__ == "__main__":

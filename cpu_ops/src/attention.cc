@@ -1,5 +1,9 @@
 // Splits a decode batch into (request, kv head, chunk) tasks, runs them on the pool with the kernel
 // of the chosen ISA, merges the chunks of long contexts by log-sum-exp, and appends new K/V rows.
+//
+// A request's chunks depend only on its own context length and fixed constants, and its chunks are
+// merged in order, so its output bits are the same whatever else shares the call and however many
+// threads run it (the engine relies on this for reproducible batches).
 #include "attention.h"
 
 #include <algorithm>
@@ -13,10 +17,9 @@
 namespace neo {
 namespace {
 
-// Tasks per thread the split aims for, so that uneven contexts still balance.
-constexpr int64_t kTasksPerThread = 4;
-// A chunk shorter than this costs more in merging and dispatch than it gains in parallelism.
-constexpr int64_t kMinChunkTokens = 256;
+// Target chunk length: long enough that merging and dispatch cost little next to reading the chunk's
+// K/V, short enough that one request of a few thousand tokens spreads over every core.
+constexpr int64_t kChunkTokens = 512;
 // Tokens per online-softmax tile (rounded to whole blocks).
 constexpr int64_t kTileTokens = 128;
 constexpr int64_t kFloatsPerLine = 16;
@@ -31,6 +34,13 @@ ChunkKernel chunk_kernel(Isa isa, int64_t head_dim) {
 }
 
 int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+// Tokens per chunk of a context of `length` (> 0) tokens: near-equal whole-block chunks of about
+// kChunkTokens each.
+int64_t chunk_tokens(int64_t length, int64_t block_size) {
+  const int64_t num_chunks = (length + kChunkTokens - 1) / kChunkTokens;
+  return round_up((length + num_chunks - 1) / num_chunks, block_size);
+}
 
 struct ChunkTask {
   int64_t req, kv_head, begin, end;
@@ -99,13 +109,6 @@ void paged_decode_attention(const PagedKvCache& cache, const DecodeBatch& batch,
   const int64_t group = batch.num_q_heads / cache.num_kv_heads, d = cache.head_dim;
   const int64_t row_bytes = batch.num_q_heads * d * static_cast<int64_t>(dtype_bytes(batch.dtype));
 
-  int64_t total_tokens = 0;
-  for (int64_t r = 0; r < batch.num_reqs; ++r) total_tokens += batch.context_lens[r];
-  const int64_t wanted_tasks = pool.num_threads() * kTasksPerThread;
-  const int64_t chunk = round_up(
-      std::max(kMinChunkTokens, (total_tokens * cache.num_kv_heads + wanted_tasks - 1) / wanted_tasks),
-      cache.block_size);
-
   ws.tasks.clear();
   ws.merges.clear();
   int64_t num_partials = 0;
@@ -115,6 +118,7 @@ void paged_decode_attention(const PagedKvCache& cache, const DecodeBatch& batch,
       std::memset(static_cast<char*>(batch.out) + r * row_bytes, 0, row_bytes);
       continue;
     }
+    const int64_t chunk = chunk_tokens(length, cache.block_size);
     const int64_t num_chunks = (length + chunk - 1) / chunk;
     for (int64_t h = 0; h < cache.num_kv_heads; ++h) {
       if (num_chunks > 1) ws.merges.push_back(MergeTask{r, h, num_partials, num_chunks});

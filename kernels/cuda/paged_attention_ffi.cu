@@ -1,5 +1,6 @@
-// XLA FFI handler of the CUDA paged decode attention: checks the buffers, splits long contexts so that
-// the grid fills the GPU, takes the split-K scratch from XLA's allocator and launches on XLA's stream.
+// XLA FFI handler of the CUDA paged decode attention: checks the buffers and the launch parameters (chosen by
+// kernels/paged_attention.py, which also sizes the split-K workspace as two extra results: XLA's GPU runtime
+// gives FFI handlers no scratch allocator) and launches on XLA's stream.
 #include "paged_attention_ffi.h"
 
 #include <algorithm>
@@ -12,27 +13,7 @@ namespace ffi = xla::ffi;
 namespace neo_kernels {
 namespace {
 
-// Resident CTAs per SM to aim for: the kernels hold 4-5 CTAs of 128 threads per SM at the common shapes.
-constexpr int kTargetCtasPerSm = 4;
-
 int ceil_div(int a, int b) { return (a + b - 1) / b; }
-
-int multiprocessor_count(cudaStream_t stream) {
-  int device = 0, count = 0;
-  if (cudaStreamGetDevice(stream, &device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    return 132;
-  }
-  return count;
-}
-
-// KV blocks per split: enough splits for kTargetCtasPerSm CTAs per SM, at least one block per warp, and at
-// most kMaxPartitionTokens tokens (the shared-memory logits).
-int choose_partition_blocks(int base_ctas, int max_blocks, int block_size, int num_sms) {
-  const int wanted_splits = ceil_div(num_sms * kTargetCtasPerSm, base_ctas);
-  const int partition = ceil_div(max_blocks, wanted_splits);
-  return std::clamp(partition, std::min(kNumWarps, max_blocks), kMaxPartitionTokens / block_size);
-}
 
 ffi::Error check_shapes(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k_cache, const ffi::AnyBuffer& v_cache,
                         const ffi::Buffer<ffi::S32>& block_tables, const ffi::Buffer<ffi::S32>& context_lens) {
@@ -64,14 +45,24 @@ ffi::Error check_shapes(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k_cache, 
   return ffi::Error::Success();
 }
 
-ffi::Error paged_decode_attention(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q,
-                                  ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache,
-                                  ffi::Buffer<ffi::S32> block_tables, ffi::Buffer<ffi::S32> context_lens,
-                                  ffi::Result<ffi::AnyBuffer> out, float scale, int32_t partition_blocks) {
+ffi::Error paged_decode_attention(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
+                                  ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> block_tables,
+                                  ffi::Buffer<ffi::S32> context_lens, ffi::Result<ffi::AnyBuffer> out,
+                                  ffi::Result<ffi::Buffer<ffi::F32>> partial_out,
+                                  ffi::Result<ffi::Buffer<ffi::F32>> partial_lse, float scale,
+                                  int32_t partition_blocks, int32_t group_tile) {
   if (ffi::Error error = check_shapes(q, k_cache, v_cache, block_tables, context_lens); error.failure()) {
     return error;
   }
   const auto q_dims = q.dimensions(), k_dims = k_cache.dimensions();
+  const int head_dim = static_cast<int>(q_dims[2]), block_size = static_cast<int>(k_dims[2]);
+  if (partition_blocks < 1 || partition_blocks * block_size > kMaxPartitionTokens) {
+    return ffi::Error::InvalidArgument("partition_blocks must be in [1, " +
+                                       std::to_string(kMaxPartitionTokens / block_size) + "]");
+  }
+  if (group_tile != 1 && group_tile != 2 && group_tile != 4 && group_tile != kMaxGroupTile) {
+    return ffi::Error::InvalidArgument("group_tile must be 1, 2, 4 or 8");
+  }
   AttentionParams params{};
   params.q = q.untyped_data();
   params.k_cache = k_cache.untyped_data();
@@ -83,28 +74,20 @@ ffi::Error paged_decode_attention(cudaStream_t stream, ffi::ScratchAllocator scr
   params.num_heads = static_cast<int>(q_dims[1]);
   params.num_kv_heads = static_cast<int>(k_dims[1]);
   params.group_size = params.num_heads / params.num_kv_heads;
+  params.head_tiles = ceil_div(params.group_size, group_tile);
   params.num_cache_blocks = static_cast<int>(k_dims[0]);
   params.max_blocks = static_cast<int>(block_tables.dimensions()[1]);
+  params.partition_blocks = partition_blocks;
+  params.num_splits = ceil_div(params.max_blocks, partition_blocks);
   params.scale = scale;
-  const int head_dim = static_cast<int>(q_dims[2]), block_size = static_cast<int>(k_dims[2]);
   if (params.batch == 0) return ffi::Error::Success();
-
-  int group_tile = 1;
-  while (group_tile < std::min(params.group_size, kMaxGroupTile)) group_tile *= 2;
-  params.head_tiles = ceil_div(params.group_size, group_tile);
-  const int base_ctas = params.batch * params.num_kv_heads * params.head_tiles;
-  params.partition_blocks =
-      partition_blocks > 0 ? std::min(partition_blocks, kMaxPartitionTokens / block_size)
-                           : choose_partition_blocks(base_ctas, params.max_blocks, block_size,
-                                                     multiprocessor_count(stream));
-  params.num_splits = ceil_div(params.max_blocks, params.partition_blocks);
   if (params.num_splits > 1) {
     const size_t rows = static_cast<size_t>(params.batch) * params.num_heads * params.num_splits;
-    const size_t out_bytes = (rows * head_dim * sizeof(float) + 255) / 256 * 256;
-    auto buffer = scratch.Allocate(out_bytes + rows * sizeof(float), 256);
-    if (!buffer.has_value()) return ffi::Error::Internal("paged_decode_attention: no scratch for split-K");
-    params.partial_out = static_cast<float*>(*buffer);
-    params.partial_lse = reinterpret_cast<float*>(static_cast<char*>(*buffer) + out_bytes);
+    if (partial_out->element_count() < rows * head_dim || partial_lse->element_count() < rows) {
+      return ffi::Error::InvalidArgument("split-K workspace smaller than batch * num_heads * num_splits rows");
+    }
+    params.partial_out = partial_out->typed_data();
+    params.partial_lse = partial_lse->typed_data();
   }
 
   cudaError_t status;
@@ -133,12 +116,14 @@ ffi::Error paged_decode_attention(cudaStream_t stream, ffi::ScratchAllocator scr
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kPagedDecodeAttention, neo_kernels::paged_decode_attention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::ScratchAllocator>()
                                   .Arg<ffi::AnyBuffer>()          // q
                                   .Arg<ffi::AnyBuffer>()          // k_cache
                                   .Arg<ffi::AnyBuffer>()          // v_cache
                                   .Arg<ffi::Buffer<ffi::S32>>()  // block_tables
                                   .Arg<ffi::Buffer<ffi::S32>>()  // context_lens
                                   .Ret<ffi::AnyBuffer>()          // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // partial_out, split-K workspace
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // partial_lse, split-K workspace
                                   .Attr<float>("scale")
-                                  .Attr<int32_t>("partition_blocks"));
+                                  .Attr<int32_t>("partition_blocks")
+                                  .Attr<int32_t>("group_tile"));

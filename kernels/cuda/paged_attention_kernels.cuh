@@ -304,10 +304,21 @@ __global__ void __launch_bounds__(HEAD_DIM) merge_splits_kernel(AttentionParams 
   static_cast<T*>(p.out)[row * HEAD_DIM + d] = Vec16<T>::from_float(value);
 }
 
-// Launches the split kernel (and the merge when num_splits > 1) for one cache dtype; head_dim 64 or 128,
-// block_size 16 or 32, group_tile 1, 2, 4 or 8 (cudaErrorInvalidValue otherwise).
+// Launches the split kernel (and the merge when num_splits > 1) for one cache dtype and head_dim; block_size
+// 16 or 32, group_tile 1, 2, 4 or 8 (cudaErrorInvalidValue otherwise). Instantiated per (T, HEAD_DIM) in the
+// sources that kernels/CMakeLists.txt generates.
+template <typename T, int HEAD_DIM>
+cudaError_t launch_for_head_dim(const AttentionParams& params, int block_size, int group_tile, cudaStream_t stream);
+
+// The same for head_dim 64 or 128.
 template <typename T>
 cudaError_t launch_paged_attention(const AttentionParams& params, int head_dim, int block_size, int group_tile,
-                                   cudaStream_t stream);
+                                   cudaStream_t stream) {
+  switch (head_dim) {
+    case 64: return launch_for_head_dim<T, 64>(params, block_size, group_tile, stream);
+    case 128: return launch_for_head_dim<T, 128>(params, block_size, group_tile, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
 
 }  // namespace neo_kernels

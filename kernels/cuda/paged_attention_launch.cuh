@@ -1,5 +1,5 @@
-// Run-time choice among the kernels' template instantiations for one cache dtype. Included only by the
-// per-dtype instantiation files, so that nvcc compiles the dtypes in parallel.
+// Run-time choice among the kernels' template instantiations for one cache dtype and head_dim. Included only
+// by the instantiation sources that CMake generates per (dtype, head_dim), so that nvcc compiles them in parallel.
 #pragma once
 
 #include "paged_attention_kernels.cuh"
@@ -28,21 +28,11 @@ cudaError_t launch_for_group(const AttentionParams& params, int group_tile, cuda
 }
 
 template <typename T, int HEAD_DIM>
-cudaError_t launch_for_block_size(const AttentionParams& params, int block_size, int group_tile,
-                                  cudaStream_t stream) {
+cudaError_t launch_for_head_dim(const AttentionParams& params, int block_size, int group_tile,
+                                cudaStream_t stream) {
   switch (block_size) {
     case 16: return launch_for_group<T, HEAD_DIM, 16>(params, group_tile, stream);
     case 32: return launch_for_group<T, HEAD_DIM, 32>(params, group_tile, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
-template <typename T>
-cudaError_t launch_paged_attention(const AttentionParams& params, int head_dim, int block_size, int group_tile,
-                                   cudaStream_t stream) {
-  switch (head_dim) {
-    case 64: return launch_for_block_size<T, 64>(params, block_size, group_tile, stream);
-    case 128: return launch_for_block_size<T, 128>(params, block_size, group_tile, stream);
     default: return cudaErrorInvalidValue;
   }
 }

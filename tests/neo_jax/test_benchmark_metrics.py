@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from neo_jax.benchmark_metrics import RequestTrace, poisson_arrivals, random_lengths, summarize
+from neo_jax.benchmark_metrics import (
+    RequestTrace, bandwidth_bound, format_bound, kv_bytes_per_token, poisson_arrivals, random_lengths, summarize,
+)
 
 
 def test_summary_of_hand_made_traces() -> None:
@@ -42,3 +44,18 @@ def test_random_lengths_stay_in_range() -> None:
     assert random_lengths(3, 7, 0.0, np.random.default_rng(0)) == [7, 7, 7]
     with pytest.raises(ValueError, match="range_ratio"):
         random_lengths(3, 7, 1.0, np.random.default_rng(0))
+
+
+def test_bandwidth_bound_of_hand_made_counters() -> None:
+    per_token = kv_bytes_per_token(num_layers=2, num_kv_heads=4, head_dim=8, dtype_bytes=2)
+    assert per_token == 256
+    # 10 steps of 20 ms; the GPU read 1e6 tokens = 25.6 MB per step; the host reads 10 GB/s = 200 MB per step.
+    bound = bandwidth_bound(10e9, 0.2, 10, 1_000_000, 500_000, per_token)
+    assert bound["mean_step_ms"] == pytest.approx(20.0)
+    assert bound["gpu_kv_mb_per_step"] == pytest.approx(25.6)
+    assert bound["cpu_read_fraction"] == pytest.approx(12.8 / 200)
+    assert bound["bound"] == pytest.approx(1 + 200 / 25.6)
+    assert format_bound(bound["bound"]) == "bound: up to 8.81x gpu-only"
+    assert bandwidth_bound(10e9, 0.2, 10, 0, 5, per_token)["bound"] is None
+    with pytest.raises(ValueError, match="num_steps"):
+        bandwidth_bound(10e9, 0.2, 0, 1, 1, per_token)

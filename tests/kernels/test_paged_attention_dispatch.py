@@ -10,8 +10,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from neo_jax.kernels.paged_attention import (FFI_TARGET, _cuda, cuda_kernel_unsupported_reason, paged_decode_attention,
-                                             paged_decode_attention_cuda, paged_decode_attention_reference)
+from neo_jax.kernels.paged_attention import (FFI_TARGET, CudaLaunch, _cuda, cuda_kernel_unsupported_reason,
+                                             cuda_launch, paged_decode_attention, paged_decode_attention_cuda,
+                                             paged_decode_attention_reference)
 
 
 def numpy_attention(q, k_cache, v_cache, block_tables, context_lens, scale=None):
@@ -91,10 +92,10 @@ def custom_call_targets(platform: str, *inputs) -> list[str]:
 
 
 @pytest.mark.skipif(_cuda is None, reason="the CUDA extension was not built here")
-def test_dispatcher_lowers_to_the_kernel_for_cuda_only() -> None:
+def test_dispatcher_lowers_to_the_cuda_kernel_and_the_cpu_op() -> None:
     inputs = random_inputs()
     assert custom_call_targets("cuda", *inputs) == [FFI_TARGET]
-    assert custom_call_targets("cpu", *inputs) == []
+    assert custom_call_targets("cpu", *inputs) == ["neo_paged_decode_attention"]
 
 
 @pytest.mark.parametrize("head_dim, block_size, dtype, unsupported", [
@@ -121,3 +122,17 @@ def test_mixed_dtypes_take_the_reference() -> None:
     assert "dtypes" in reason or "not built" in reason
     out = paged_decode_attention(q.astype(jnp.float32), k_cache, v_cache, block_tables, context_lens)
     assert out.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("batch, num_heads, block_size, max_blocks, partition_blocks, expected", [
+    (1, 32, 16, 64, 0, CudaLaunch(group_tile=4, partition_blocks=4, num_splits=16)),  # split to fill the SMs
+    (256, 32, 16, 64, 0, CudaLaunch(group_tile=4, partition_blocks=32, num_splits=2)),  # capped at 512 tokens
+    (256, 32, 32, 64, 0, CudaLaunch(group_tile=4, partition_blocks=16, num_splits=4)),
+    (4, 8, 16, 3, 0, CudaLaunch(group_tile=1, partition_blocks=3, num_splits=1)),  # fewer blocks than warps
+    (2, 24, 16, 100, 7, CudaLaunch(group_tile=4, partition_blocks=7, num_splits=15)),  # group 3 in a tile of 4
+    (2, 96, 16, 100, 64, CudaLaunch(group_tile=8, partition_blocks=32, num_splits=4)),  # group 12: two tiles
+])
+def test_cuda_launch(batch: int, num_heads: int, block_size: int, max_blocks: int, partition_blocks: int,
+                     expected: CudaLaunch) -> None:
+    launch = cuda_launch(batch, num_heads, 8, block_size, max_blocks, partition_blocks, num_multiprocessors=132)
+    assert launch == expected

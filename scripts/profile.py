@@ -1,0 +1,225 @@
+"""Measures the cost model's tables (neo_jax.cost_model) for one model on this machine and saves them.
+
+    python scripts/profile.py --model llama-3-8b --dtype bfloat16            # on the GPU machine
+    python scripts/profile.py --model tiny --quick --output /tmp/table.json  # a smoke run on a laptop
+
+Only ONE decoder layer's random parameters are built. Every GPU timing runs its kernel `--repeats-in-program`
+times inside one jitted program (a `fori_loop` whose carry feeds the next call, as the engine's scan over
+layers does), so the per-call time excludes Python dispatch. The CPU attention table times the NumPy entry
+of the CPU op on a host KV cache in the model's dtype. The handoff table is the extra time per layer of a
+jitted loop that sends each step's queries through `cpu_attention_start` / `cpu_attention_wait` (one token
+of context per request) over the same loop without them. The table is saved where `load_cost_model` looks
+(NEO_JAX_COST_TABLES or ~/.cache/neo_jax/cost_tables, or --cost-table-dir) and, with --output, there too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from tqdm import tqdm
+
+from neo_jax.attention import prefill_attention
+from neo_jax.batch import StepBatch
+from neo_jax.cost_model import DEFAULT_COST_TABLE_DIR, CostModel, MachineId, Table1D, Table2D, cost_table_path
+from neo_jax.cpu_ops import paged_decode_attention as cpu_paged_decode_attention
+from neo_jax.cpu_ops.handoff import HostKvPool, cpu_attention_start, cpu_attention_wait
+from neo_jax.kernels.paged_attention import paged_decode_attention
+from neo_jax.models.config import ModelConfig, get_config
+from neo_jax.models.llama import DecoderLayer, post_attention, pre_attention
+
+NUMPY_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
+
+
+def median_seconds(run: Callable[[], object], repeats: int) -> float:
+    """Median wall time of `run()` (which must block until its work is done) after one untimed call."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def seconds_per_iteration(body: Callable[..., jax.Array], carry: jax.Array, operands: tuple, iterations: int,
+                          repeats: int) -> float:
+    """Time of one `body(carry, *operands) -> carry` call, from a jitted loop of `iterations` calls. The operands
+    (weights, caches) are arguments, not constants folded into the program."""
+    loop = jax.jit(lambda c, ops: jax.lax.fori_loop(0, iterations, lambda _, x: body(x, *ops), c))
+    return median_seconds(lambda: loop(carry, operands).block_until_ready(), repeats) / iterations
+
+
+def one_layer_params(config: ModelConfig) -> dict:
+    hidden, positions = jnp.zeros((1, config.hidden_size), config.dtype), jnp.zeros((1,), jnp.int32)
+    return jax.jit(DecoderLayer(config).init)(jax.random.key(0), hidden, positions)["params"]
+
+
+def measure_linear(config: ModelConfig, params: dict, num_tokens: int, iterations: int, repeats: int) -> float:
+    """Norms, projections and MLP of one layer over `num_tokens` tokens (q stands in for attention's output)."""
+    positions = jnp.arange(num_tokens, dtype=jnp.int32)
+
+    def layer(hidden: jax.Array, layer_params: dict) -> jax.Array:
+        q, _, _ = pre_attention(layer_params, config, hidden, positions)
+        return post_attention(layer_params, config, hidden, q)
+
+    hidden = jax.random.normal(jax.random.key(1), (num_tokens, config.hidden_size), config.dtype)
+    return seconds_per_iteration(layer, hidden, (params,), iterations, repeats)
+
+
+def measure_prefill_attention(config: ModelConfig, num_tokens: int, block_size: int, iterations: int,
+                              repeats: int) -> float:
+    """The engine's prefill attention (context gather + causal attention) of one whole prompt."""
+    num_blocks = -(-num_tokens // block_size)
+    cache_shape = (num_blocks, config.num_kv_heads, block_size, config.head_dim)
+    k_blocks = jax.random.normal(jax.random.key(2), cache_shape, config.dtype)
+    v_blocks = jax.random.normal(jax.random.key(3), cache_shape, config.dtype)
+    tokens = jnp.arange(num_tokens, dtype=jnp.int32)
+    zeros = jnp.zeros((num_tokens,), jnp.int32)
+    batch = StepBatch(token_ids=zeros, positions=tokens, slot_mapping=tokens,
+                      decode_block_tables=jnp.zeros((0, 1), jnp.int32), decode_context_lens=jnp.zeros((0,), jnp.int32),
+                      prefill_request_ids=zeros, context_slots=tokens, context_request_ids=zeros,
+                      context_positions=tokens, sample_indices=jnp.zeros((1,), jnp.int32))
+    body = lambda q, k, v, b: prefill_attention(q, k, v, b, jnp.int32(0))
+    q = jax.random.normal(jax.random.key(4), (num_tokens, config.num_heads, config.head_dim), config.dtype)
+    return seconds_per_iteration(body, q, (k_blocks, v_blocks, batch), iterations, repeats)
+
+
+def measure_gpu_decode_attention(config: ModelConfig, num_requests: int, context_len: int, block_size: int,
+                                 iterations: int, repeats: int) -> float:
+    """Paged decode attention of `num_requests` requests of `context_len` tokens each, distinct blocks."""
+    blocks_per_request = -(-context_len // block_size)
+    cache_shape = (num_requests * blocks_per_request, config.num_kv_heads, block_size, config.head_dim)
+    k_cache = jax.random.normal(jax.random.key(5), cache_shape, config.dtype)
+    v_cache = jax.random.normal(jax.random.key(6), cache_shape, config.dtype)
+    tables = jnp.arange(num_requests * blocks_per_request, dtype=jnp.int32).reshape(num_requests, -1)
+    lens = jnp.full((num_requests,), context_len, jnp.int32)
+    q = jax.random.normal(jax.random.key(7), (num_requests, config.num_heads, config.head_dim), config.dtype)
+    return seconds_per_iteration(paged_decode_attention, q, (k_cache, v_cache, tables, lens), iterations, repeats)
+
+
+def measure_cpu_decode_attention(config: ModelConfig, k_cache: np.ndarray, v_cache: np.ndarray,
+                                 num_requests: int, total_context: int, repeats: int) -> float:
+    """The CPU op over `total_context` tokens split evenly among `num_requests` requests."""
+    block_size = k_cache.shape[2]
+    context_len = max(1, total_context // num_requests)
+    blocks_per_request = -(-context_len // block_size)
+    tables = np.arange(num_requests * blocks_per_request, dtype=np.int32).reshape(num_requests, -1)
+    lens = np.full((num_requests,), context_len, np.int32)
+    q = np.full((num_requests, config.num_heads, config.head_dim), 0.01, k_cache.dtype)
+    out = np.empty_like(q)
+    return median_seconds(lambda: cpu_paged_decode_attention(q, k_cache, v_cache, tables, lens, out=out), repeats)
+
+
+def measure_handoff(config: ModelConfig, pool: HostKvPool, num_requests: int, iterations: int,
+                    repeats: int) -> float:
+    """Extra seconds per call of a start/wait round trip on `num_requests` one-token requests."""
+    block_size = pool.block_size
+    slots = jnp.arange(num_requests, dtype=jnp.int32) * block_size
+    tables = jnp.arange(num_requests, dtype=jnp.int32)[:, None]
+    lens = jnp.ones((num_requests,), jnp.int32)
+
+    def with_handoff(q: jax.Array) -> jax.Array:
+        kv = q[:, :config.num_kv_heads].astype(pool.dtype)
+        pending = cpu_attention_start(pool, q, kv, kv, 0, slots, tables, lens)
+        return (q + cpu_attention_wait(pending, q)) * 0.5
+
+    without_handoff = lambda q: (q + q) * 0.5
+    q = jnp.full((num_requests, config.num_heads, config.head_dim), 0.01, config.dtype)
+    with_s = seconds_per_iteration(with_handoff, q, (), iterations, repeats)
+    return max(0.0, with_s - seconds_per_iteration(without_handoff, q, (), iterations, repeats))
+
+
+def grids(quick: bool, context_len: int) -> dict[str, list[int]]:
+    """The measured points of each table; --quick keeps a few small ones."""
+    if quick:
+        return {"linear": [1, 16], "prefill": [16], "decode_requests": [1], "cpu_requests": [1, 4],
+                "cpu_context": [64, 256], "handoff": [1]}
+    requests = [1, 4, 16, 64, 256]
+    return {"linear": [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096],
+            "prefill": [64, 256, 512, 1024, 2048, 4096], "decode_requests": requests, "cpu_requests": requests,
+            "cpu_context": [context_len * n for n in requests] + [context_len * 512], "handoff": [1, 16, 64, 256]}
+
+
+def profile(config: ModelConfig, model: str, block_size: int, context_len: int, quick: bool) -> CostModel:
+    points = grids(quick, context_len)
+    iterations, repeats = (2, 2) if quick else (8, 5)
+    gpu_name = jax.devices()[0].device_kind
+    steps = (len(points["linear"]) + len(points["prefill"]) + len(points["decode_requests"])
+             + len(points["cpu_requests"]) * len(points["cpu_context"]) + len(points["handoff"]))
+    bar = tqdm(total=steps, desc=f"profile {model}", unit="point")
+
+    def measured(name: str, values: list[int], measure: Callable[[int], float]) -> list[float]:
+        results = []
+        for value in values:
+            bar.set_postfix_str(f"{name} {value}")
+            results.append(measure(value))
+            bar.update()
+        return results
+
+    params = one_layer_params(config)
+    linear = measured("linear", points["linear"],
+                      lambda n: measure_linear(config, params, n, iterations, repeats))
+    del params
+    prefill = measured("prefill", points["prefill"],
+                       lambda n: measure_prefill_attention(config, n, block_size, iterations, repeats))
+    decode = measured("gpu decode", points["decode_requests"], lambda n: measure_gpu_decode_attention(
+        config, n, context_len, block_size, iterations, repeats))
+    cells = [(n, c) for n in points["cpu_requests"] for c in points["cpu_context"]]
+    max_blocks = max(n * -(-max(1, c // n) // block_size) for n, c in cells)
+    cache_shape = (max_blocks, config.num_kv_heads, block_size, config.head_dim)
+    k_cache = np.full(cache_shape, 0.01, NUMPY_DTYPES[config.dtype])
+    v_cache = k_cache.copy()
+    cpu = []
+    for n in points["cpu_requests"]:
+        cpu.append(measured(f"cpu {n} requests", points["cpu_context"], lambda c: measure_cpu_decode_attention(
+            config, k_cache, v_cache, n, c, repeats)))
+    del k_cache, v_cache
+    pool = HostKvPool(1, max(points["handoff"]), config.num_kv_heads, block_size, config.head_dim,
+                      NUMPY_DTYPES[config.dtype])
+    handoff = measured("handoff", points["handoff"],
+                       lambda n: measure_handoff(config, pool, n, iterations, repeats))
+    pool.close()
+    bar.close()
+    return CostModel(
+        model=model, machine=MachineId.current(gpu_name), dtype=config.dtype, block_size=block_size,
+        num_layers=config.num_layers,
+        linear=Table1D(points["linear"], linear, name="linear"),
+        prefill_attention=Table1D(points["prefill"], prefill, name="prefill_attention"),
+        gpu_decode_attention=Table1D([n * context_len for n in points["decode_requests"]], decode,
+                                     name="gpu_decode_attention"),
+        cpu_decode_attention=Table2D(points["cpu_requests"], points["cpu_context"], cpu, name="cpu_decode_attention"),
+        handoff=Table1D(points["handoff"], handoff, name="handoff"))
+
+
+def main(argv: list[str] | None = None) -> CostModel:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="preset name or HF checkpoint directory (as the engine gets it)")
+    parser.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: the model's)")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--context-len", type=int, default=1024,
+                        help="per-request context of the decode-attention points")
+    parser.add_argument("--quick", action="store_true", help="a few small points (CPU smoke runs)")
+    parser.add_argument("--cost-table-dir", default=str(DEFAULT_COST_TABLE_DIR))
+    parser.add_argument("--output", default=None, help="also save the table here")
+    args = parser.parse_args(argv)
+    if args.block_size <= 0 or args.context_len <= 0:
+        parser.error("--block-size and --context-len must be positive")
+    config = get_config(args.model)
+    config = config.with_dtype(args.dtype) if args.dtype else config
+    cost_model = profile(config, args.model, args.block_size, args.context_len, args.quick)
+    path = cost_model.save(cost_table_path(args.cost_table_dir, args.model, config.dtype, args.block_size,
+                                           cost_model.machine))
+    print(f"saved {cost_model.describe()} to {path}")
+    if args.output:
+        print(f"and to {cost_model.save(args.output)}")
+    return cost_model
+
+
+if __name__ == "__main__":
+    main()

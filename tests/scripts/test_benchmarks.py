@@ -1,0 +1,74 @@
+"""The throughput and serving benchmarks on the tiny preset (CPU backend), their bandwidth bound, and the plots
+made from their JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+# Small enough that both benchmarks compile the same few step shapes.
+ENGINE_ARGS = ["--model", "tiny", "--max-model-len", "64", "--max-num-seqs", "2", "--max-num-batched-tokens", "16",
+               "--num-prompts", "2", "--input-len", "16", "--output-len", "3", "--bandwidth-probe-mb", "16"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def results(load_script, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    directory = tmp_path_factory.mktemp("bench")
+    load_script("benchmark_throughput").main(
+        ENGINE_ARGS + ["--warmup-output-len", "3", "--output-json", str(directory / "throughput.json")])
+    load_script("benchmark_serving").main(
+        ENGINE_ARGS + ["--request-rate", "100", "inf", "--output-json", str(directory / "serving.json")])
+    return {name: json.loads((directory / f"{name}.json").read_text()) for name in ("throughput", "serving")}
+
+
+def check_bound(bound: dict, num_steps: int) -> None:
+    counters = bound["counters"]
+    assert counters["num_steps"] == num_steps > 0
+    assert counters["gpu_kv_tokens_read"] > 0 and counters["cpu_kv_tokens_read"] == 0
+    assert bound["host_read_gb_per_s"] > 0 and bound["cpu_read_fraction"] == 0.0
+    host_mb_per_step = bound["host_read_gb_per_s"] * 1e3 * bound["mean_step_ms"] / 1e3
+    assert bound["bound"] == pytest.approx(1 + host_mb_per_step / bound["gpu_kv_mb_per_step"])
+    assert 0 < bound["median_step_ms"] <= bound["max_step_ms"]
+    assert bound["mean_step_ms"] <= bound["max_step_ms"]
+
+
+def test_throughput_counts_only_the_timed_pass(results, capsys):
+    result = results["throughput"]
+    assert result["scenario"] == "tiny gpu-kv auto GiB cpu-kv auto GiB" and result["policy"] == "gpu-only"
+    # 2 prompts of 16 tokens, 16 tokens a step: at least one step per prompt, then decodes of 2 more tokens.
+    num_steps = result["bandwidth_bound"]["counters"]["num_steps"]
+    assert 4 <= num_steps <= 6
+    check_bound(result["bandwidth_bound"], num_steps)
+    assert result["output_tokens_per_s"] == pytest.approx(6 / result["elapsed_s"])
+
+
+def test_serving_reports_each_rate_with_its_bound(results):
+    runs = results["serving"]["runs"]
+    assert [run["request_rate"] for run in runs] == [100, float("inf")]
+    for run in runs:
+        assert run["completed"] == 2 and run["p99_tpot_ms"] > 0
+        check_bound(run["bandwidth_bound"], run["bandwidth_bound"]["counters"]["num_steps"])
+
+
+def test_plots_from_the_benchmark_json(results, load_script, tmp_path):
+    pytest.importorskip("matplotlib", reason="the bench extra of pyproject.toml")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name, result in results.items():
+        (inputs / f"gpu-only_{name}.json").write_text(json.dumps(result))
+        faster = dict(result, policy="neo", output_tokens_per_s=result.get("output_tokens_per_s", 0) * 1.3)
+        (inputs / f"neo_{name}.json").write_text(json.dumps(faster))
+    (inputs / "notes.json").write_text(json.dumps({"not": "a benchmark"}))
+    written = load_script("plot_benchmarks").main([str(inputs), "--output-dir", str(tmp_path / "plots")])
+    assert sorted(p.name for p in written) == ["latency.png", "throughput.png"]
+    for path in written:
+        assert path.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_plot_rejects_results_without_scenario(load_script, tmp_path):
+    pytest.importorskip("matplotlib", reason="the bench extra of pyproject.toml")
+    (tmp_path / "old.json").write_text(json.dumps({"benchmark": "throughput", "output_tokens_per_s": 1.0}))
+    with pytest.raises(ValueError, match="old.json: a throughput result without 'scenario'"):
+        load_script("plot_benchmarks").main([str(tmp_path)])
