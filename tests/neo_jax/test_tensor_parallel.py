@@ -66,7 +66,8 @@ def host_attention_matches(tensor_parallel_size: int) -> dict:
     import numpy as np
     from jax.sharding import NamedSharding
 
-    from neo_jax.cpu_ops.handoff import HostKvPool, cpu_attention_start, cpu_attention_wait, host_kv_store
+    from neo_jax.cpu_ops.handoff import (
+        HostKvPool, cpu_attention_start, cpu_attention_wait, host_kv_store, synchronize)
     from neo_jax.sharded_host_attention import (
         make_sharded_host_pool, pool_by_layer, sharded_cpu_attention_start, sharded_cpu_attention_wait,
         sharded_host_kv_load, sharded_host_kv_store)
@@ -108,6 +109,8 @@ def host_attention_matches(tensor_parallel_size: int) -> dict:
     inputs = [jax.device_put(x, heads) for x in (q, k_new, v_new, k_context, v_context)]
     out, k_loaded, v_loaded = sharded(*inputs)
     expected = plain(q, k_new, v_new, k_context, v_context)
+    jax.block_until_ready((out, expected))
+    synchronize()  # on GPUs the CPU may still be writing the pools
     return {"attention_max_error": float(np.abs(np.asarray(out) - np.asarray(expected)).max()),
             "attention_output_sharded": len(out.sharding.device_set) == tensor_parallel_size,
             "loaded_equal": bool(np.array_equal(k_loaded, k_context) and np.array_equal(v_loaded, v_context)),
