@@ -20,7 +20,8 @@ class EngineConfig:
     `gpu_memory_utilization` of the memory JAX may use (its allocator's limit, which already reflects
     XLA_PYTHON_CLIENT_MEM_FRACTION) minus what is in use and an activation reserve, capped by
     `gpu_kv_cache_gb` (GiB, lets benchmarks emulate a smaller GPU). Never more blocks than `max_num_seqs`
-    requests of `max_model_len` tokens can fill.
+    requests of `max_model_len` tokens can fill. With `tensor_parallel_size` N > 1 the weights and the KV cache
+    are split over N devices (neo_jax.sharding); the budgets above are per device.
 
     Policies: "gpu-only" (one batch, GPU pool only), "cpu-all" (every decode attends on the CPU over the host
     pool) and "neo" (load-aware CPU offloading). The offload policies add a host pool: `num_cpu_blocks`
@@ -43,13 +44,14 @@ class EngineConfig:
     num_cpu_blocks: int | None = None
     cost_table: str | None = None
     seed: int = 0
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} is not one of {SUPPORTED_DTYPES}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy: {self.policy!r} is not available; choose one of {POLICIES}")
-        positive = ("block_size", "max_num_batched_tokens", "max_num_seqs")
+        positive = ("block_size", "max_num_batched_tokens", "max_num_seqs", "tensor_parallel_size")
         for field in positive + ("max_model_len", "num_gpu_blocks", "num_cpu_blocks"):
             value = getattr(self, field)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
@@ -58,6 +60,9 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.gpu_kv_cache_gb is not None and self.gpu_kv_cache_gb <= 0:
             raise ValueError(f"gpu_kv_cache_gb: must be positive, got {self.gpu_kv_cache_gb}")
+        if self.tensor_parallel_size > 1 and self.offloads:
+            raise ValueError(f"tensor_parallel_size: the {self.policy!r} policy runs on one device so far (its "
+                             "pipelined step is not sharded yet); use policy='gpu-only' with tensor parallelism")
         if self.cpu_kv_cache_gb is not None and self.cpu_kv_cache_gb <= 0:
             raise ValueError(f"cpu_kv_cache_gb: must be positive, got {self.cpu_kv_cache_gb}")
         if self.num_cpu_blocks is not None and self.num_cpu_blocks < 2:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from neo_jax.block_manager import BlockPool, blocks_for
 from neo_jax.config import EngineConfig
@@ -21,19 +22,24 @@ from neo_jax.pipeline_batch import PipelineSchedule
 from neo_jax.pipeline_scheduler import PipelineScheduler
 from neo_jax.scheduler import Scheduler
 from neo_jax.sequence import Request
+from neo_jax.sharding import init_sharded_params, make_mesh, shard_params
 from neo_jax.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 
-def load_model(model: str, dtype: str | None, seed: int) -> tuple[ModelConfig, llama.Params]:
-    """An HF checkpoint directory's config and weights, or a preset with random weights drawn from `seed`."""
+def load_model(model: str, dtype: str | None, seed: int, mesh: Mesh | None = None) -> tuple[ModelConfig, llama.Params]:
+    """An HF checkpoint directory's config and weights, or a preset with random weights drawn from `seed`;
+    sharded over a tensor-parallel `mesh` when given."""
     if os.path.isdir(model):
-        return loading.load_hf_checkpoint(model, dtype)
+        config, params = loading.load_hf_checkpoint(model, dtype)
+        return config, params if mesh is None else shard_params(params, config, mesh)
     config = get_config(model)
     if dtype is not None:
         config = config.with_dtype(dtype)
-    return config, llama.init_params(config, jax.random.key(seed))
+    if mesh is None:
+        return config, llama.init_params(config, jax.random.key(seed))
+    return config, init_sharded_params(config, jax.random.key(seed), mesh)
 
 
 class LLMEngine:
@@ -42,7 +48,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, model: tuple[ModelConfig, llama.Params] | None = None) -> None:
         """`model`: a config and params already in memory, served instead of loading `config.model`."""
         self.config = config
-        self.model_config, params = model or load_model(config.model, config.dtype, config.seed)
+        mesh = make_mesh(config.tensor_parallel_size) if config.tensor_parallel_size > 1 else None
+        self.model_config, params = model or load_model(config.model, config.dtype, config.seed, mesh)
         self.tokenizer = load_tokenizer(config.model, self.model_config)
         self.max_model_len = config.resolved_max_model_len(self.model_config)
         num_blocks = num_gpu_blocks(self.model_config, config, self.max_model_len)
@@ -57,7 +64,7 @@ class LLMEngine:
             self.host_pool = None
             self.scheduler = Scheduler(config, self.pool)
         self._check_one_request_fits()
-        self.runner = ModelRunner(self.model_config, params, config, num_blocks, self.max_model_len, host_pool)
+        self.runner = ModelRunner(self.model_config, params, config, num_blocks, self.max_model_len, host_pool, mesh)
         self._seed_generator = np.random.default_rng(config.seed)
         self._next_request_id = 0
 

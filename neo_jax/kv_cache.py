@@ -46,11 +46,13 @@ def kv_bytes_per_block(model_config: ModelConfig, block_size: int) -> int:
     return 2 * model_config.num_layers * model_config.num_kv_heads * block_size * model_config.head_dim * itemsize
 
 
-def allocate_kv_cache(model_config: ModelConfig, num_blocks: int, block_size: int) -> KVCache:
-    """A zeroed cache made on the default device (zeros keep padded reads finite)."""
+def allocate_kv_cache(model_config: ModelConfig, num_blocks: int, block_size: int,
+                      sharding: jax.sharding.Sharding | None = None) -> KVCache:
+    """A zeroed cache made on the default device, or in place with `sharding` (zeros keep padded reads finite)."""
     shape = (model_config.num_layers, num_blocks, model_config.num_kv_heads, block_size, model_config.head_dim)
     dtype = jnp.dtype(model_config.dtype)
-    make = jax.jit(lambda: KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)))
+    make = jax.jit(lambda: KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)),
+                   out_shardings=None if sharding is None else KVCache(k=sharding, v=sharding))
     return make()
 
 
@@ -68,7 +70,8 @@ def num_gpu_blocks(model_config: ModelConfig, config: EngineConfig, max_model_le
     """Blocks of the GPU pool (scratch block included) under the config's memory budget."""
     if config.num_gpu_blocks is not None:
         return config.num_gpu_blocks
-    per_block = kv_bytes_per_block(model_config, config.block_size)
+    # Each device of a tensor-parallel mesh holds 1/N of every block's kv heads.
+    per_block = kv_bytes_per_block(model_config, config.block_size) // config.tensor_parallel_size
     device = device or jax.devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "bytes_limit" in stats:

@@ -29,7 +29,7 @@ class LLM:
     """A model served by the engine. `model` is an HF checkpoint directory or a preset name ("tiny", ...).
 
     Other keyword options are `EngineConfig` fields (block_size, num_gpu_blocks, gpu_memory_utilization,
-    max_num_batched_tokens, max_num_seqs).
+    max_num_batched_tokens, max_num_seqs, tensor_parallel_size).
     """
 
     def __init__(self, model: str = "tiny", *, dtype: str | None = None, max_model_len: int | None = None,

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from neo_jax.batch import ScheduledChunk, StepBatch, pack_step
 from neo_jax.config import EngineConfig, StepBuckets
@@ -21,6 +22,7 @@ from neo_jax.models.config import ModelConfig
 from neo_jax.pipeline_batch import PipelineBatch, PipelineSchedule, pack_pipeline_step
 from neo_jax.pipeline_step import pipeline_step
 from neo_jax.sampler import SamplingBatch, pack_sampling
+from neo_jax.sharding import kv_cache_sharding
 from neo_jax.step import model_step
 
 
@@ -38,7 +40,7 @@ def _counted(step: Callable) -> Callable:
 
 
 # One jitted function of each kind for every runner: engines whose shapes and statics agree share programs.
-jitted_step = jax.jit(_counted(model_step), static_argnums=(4,), donate_argnums=(1,))
+jitted_step = jax.jit(_counted(model_step), static_argnums=(4, 5), donate_argnums=(1,))
 jitted_pipeline_step = jax.jit(_counted(pipeline_step), static_argnums=(4, 5), donate_argnums=(1,))
 
 
@@ -48,15 +50,17 @@ def num_step_compilations() -> int:
 
 
 class ModelRunner:
-    """Executes steps on one model's params and GPU KV cache."""
+    """Executes steps on one model's params and GPU KV cache (both sharded over `mesh` when given)."""
 
     def __init__(self, model_config: ModelConfig, params: llama.Params, config: EngineConfig, num_blocks: int,
-                 max_model_len: int, host_pool: HostKvPool | None = None) -> None:
+                 max_model_len: int, host_pool: HostKvPool | None = None, mesh: Mesh | None = None) -> None:
         self.model_config = model_config
         self.params = params
         self.block_size = config.block_size
         self.buckets = StepBuckets.for_engine(config, max_model_len)
-        self.kv_cache = allocate_kv_cache(model_config, num_blocks, config.block_size)
+        self.mesh = mesh
+        self.kv_cache = allocate_kv_cache(model_config, num_blocks, config.block_size,
+                                          None if mesh is None else kv_cache_sharding(mesh))
         self.host_pool = host_pool
         self.last_logits: jax.Array | None = None  # float32[R, V] of the latest step's sampled rows
         self._sampled_rows: dict[int, int] = {}
@@ -64,7 +68,7 @@ class ModelRunner:
     def run(self, batch: StepBatch, sampling: SamplingBatch) -> jax.Array:
         """Runs one packed step on the device; the sampled tokens int32[R] (not yet fetched)."""
         self.kv_cache, tokens, self.last_logits = jitted_step(self.params, self.kv_cache, batch, sampling,
-                                                              self.model_config)
+                                                              self.model_config, self.mesh)
         return tokens
 
     def run_pipeline(self, batch: PipelineBatch, sampling: SamplingBatch) -> jax.Array:

@@ -37,6 +37,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the weights and KV cache split over")
     parser.add_argument("--scenario", default=None, help="name of the setting in plots (default: model and KV sizes)")
     parser.add_argument("--bandwidth-probe-mb", type=int, default=1024, help="MiB the host read-bandwidth probe reads")
     parser.add_argument("--output-json", default=None, help="write the results here")
@@ -47,7 +48,8 @@ def engine_from_args(args: argparse.Namespace) -> LLMEngine:
         model=args.model, dtype=args.dtype, policy=args.policy, max_model_len=args.max_model_len,
         gpu_kv_cache_gb=args.gpu_kv_cache_gb, gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        cpu_kv_cache_gb=args.cpu_kv_cache_gb, cost_table=args.cost_table, block_size=args.block_size, seed=args.seed))
+        cpu_kv_cache_gb=args.cpu_kv_cache_gb, cost_table=args.cost_table, block_size=args.block_size, seed=args.seed,
+        tensor_parallel_size=args.tensor_parallel_size))
 
 
 def scenario_name(args: argparse.Namespace) -> str:

@@ -84,12 +84,13 @@ void register_handoff(py::module_& m) {
   m.def(
       "handoff_synchronize",
       [](double timeout_s) {
-        CudaHandoff* cuda = CudaHandoff::existing();
-        if (cuda == nullptr) return;
         std::string error;
         {
           py::gil_scoped_release release;
-          error = cuda->synchronize(timeout_s);
+          for (CudaHandoff* cuda : CudaHandoff::existing()) {
+            std::string gpu_error = cuda->synchronize(timeout_s);
+            if (error.empty()) error = gpu_error;
+          }
         }
         if (!error.empty()) throw std::runtime_error(error);
       },
@@ -97,10 +98,8 @@ void register_handoff(py::module_& m) {
   m.def(
       "handoff_shutdown",
       [](double drain_timeout_s) {
-        if (CudaHandoff* cuda = CudaHandoff::existing()) {
-          py::gil_scoped_release release;
-          cuda->shutdown(drain_timeout_s);
-        }
+        py::gil_scoped_release release;
+        for (CudaHandoff* cuda : CudaHandoff::existing()) cuda->shutdown(drain_timeout_s);
       },
       py::arg("drain_timeout_s"));
 }

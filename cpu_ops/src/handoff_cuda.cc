@@ -6,7 +6,7 @@
 namespace neo {
 namespace {
 
-CudaHandoff* instance = nullptr;
+std::vector<CudaHandoff*> instances;  // one per CUDA context, each lives until exit
 std::mutex instance_mutex;
 
 CUdeviceptr device_address(const void* ptr) { return reinterpret_cast<CUdeviceptr>(ptr); }
@@ -14,14 +14,19 @@ CUdeviceptr device_address(const void* ptr) { return reinterpret_cast<CUdevicept
 }  // namespace
 
 CudaHandoff& CudaHandoff::get(const CudaDriver& cuda, CUstream xla_stream) {
+  CUcontext context = nullptr;
+  CUresult result = cuda.cuStreamGetCtx(xla_stream, &context);
+  if (result != kCudaSuccess) throw std::runtime_error(cuda_error_text("cuStreamGetCtx", result));
   std::lock_guard<std::mutex> lock(instance_mutex);
-  if (instance == nullptr) instance = new CudaHandoff(cuda, xla_stream);  // lives until exit
-  return *instance;
+  for (CudaHandoff* handoff : instances)
+    if (handoff->context_ == context) return *handoff;
+  instances.push_back(new CudaHandoff(cuda, xla_stream));
+  return *instances.back();
 }
 
-CudaHandoff* CudaHandoff::existing() {
+std::vector<CudaHandoff*> CudaHandoff::existing() {
   std::lock_guard<std::mutex> lock(instance_mutex);
-  return instance;
+  return instances;
 }
 
 CudaHandoff::CudaHandoff(const CudaDriver& cuda, CUstream xla_stream) : cuda_(cuda), staging_(cuda) {
@@ -51,7 +56,7 @@ void CudaHandoff::enter(CUstream xla) {
     CUcontext context = nullptr;
     check(cuda_.cuStreamGetCtx(xla, &context), "cuStreamGetCtx");
     if (context != context_)
-      throw std::invalid_argument("the CPU attention handoff serves one GPU; it was called from another");
+      throw std::invalid_argument("a GPU's CPU attention handoff was called from another GPU's stream");
     checked_streams_.insert(xla);
   }
   CUcontext current = nullptr;

@@ -33,11 +33,13 @@ namespace neo {
 
 class CudaHandoff {
  public:
-  // The process's handoff, created on the first call from XLA's stream. Methods throw
-  // std::invalid_argument for bad use and std::runtime_error for CUDA failures.
+  // The handoff of the GPU (CUDA context) that owns XLA's stream, created on that GPU's first call;
+  // a tensor-parallel program gets one per GPU, each with its own doorbell and dispatcher thread,
+  // all sharing the host worker pool. Methods throw std::invalid_argument for bad use and
+  // std::runtime_error for CUDA failures.
   static CudaHandoff& get(const CudaDriver& cuda, CUstream xla_stream);
-  // nullptr until a CUDA handler has run.
-  static CudaHandoff* existing();
+  // Every handoff created so far (none until a CUDA handler has run).
+  static std::vector<CudaHandoff*> existing();
 
   void start_attention(CUstream xla, std::shared_ptr<HostKvPool> pool, const AttentionShape& shape,
                        const std::vector<ffi::AnyBuffer>& operands, void* token);

@@ -1,0 +1,129 @@
+"""The host KV pool and its custom calls under a tensor-parallel step: each shard serves its own heads.
+
+One `HostKvPool` holds every kv head of every layer, in a shard-major layout: pool layer `layer * tp + shard`
+holds kv heads [shard * Hkv/tp, (shard + 1) * Hkv/tp) of model layer `layer`, i.e. the pool is
+[L * tp, N, Hkv/tp, bs, Dh]. The handoff calls take the layer as an operand while the pool id is a static
+attribute, so the single traced body of a `shard_map` reaches each shard's heads by passing its own pool
+layer; a pool per shard would need a different static pool id per shard, which an SPMD body cannot say.
+Every call goes to the one host worker pool, and a shard's calls read and write only its own heads, so shards
+never touch the same memory. Blocks keep the ids of the single-device pool: block b of every shard's layers
+belongs to the same request. On GPUs each device's calls go through that device's own CUDA handoff (doorbell
+and dispatcher thread); the dispatchers take turns on the worker pool.
+
+    pending = sharded_cpu_attention_start(pool, mesh, q, k_new, v_new, layer, slots, tables, lens)
+    pending, x0 = jax.lax.optimization_barrier((pending, x0))
+    y0 = gpu_layer(x0)
+    out = sharded_cpu_attention_wait(pending, y0, mesh, dep_spec=P())   # [n, Hq, Dh], split over heads
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+from neo_jax.cpu_ops.handoff import (
+    HostKvPool,
+    PendingAttention,
+    cpu_attention_start,
+    cpu_attention_wait,
+    host_kv_load,
+    host_kv_store,
+)
+from neo_jax.models.config import ModelConfig
+from neo_jax.sharding import HEADS_SPEC, TP_AXIS, check_tensor_parallel_size, shard_over_heads
+
+SHARD_SPEC = P(TP_AXIS)  # one entry per shard: its token, its pool layer
+
+
+def make_sharded_host_pool(model_config: ModelConfig, num_blocks: int, block_size: int,
+                           tensor_parallel_size: int) -> HostKvPool:
+    """A zeroed host pool of `num_blocks` blocks for every layer and kv head, in the shard-major layout."""
+    check_tensor_parallel_size(model_config, tensor_parallel_size)
+    return HostKvPool(model_config.num_layers * tensor_parallel_size, num_blocks,
+                      model_config.num_kv_heads // tensor_parallel_size, block_size, model_config.head_dim,
+                      jnp.dtype(model_config.dtype))
+
+
+def pool_by_layer(cache: np.ndarray, tensor_parallel_size: int) -> np.ndarray:
+    """A shard-major pool cache [L * tp, N, Hkv/tp, bs, Dh] as [L, N, Hkv, bs, Dh] (a copy)."""
+    if cache.ndim != 5 or cache.shape[0] % tensor_parallel_size:
+        raise ValueError(f"cache: expected [num_layers * {tensor_parallel_size}, num_blocks, kv_heads_per_shard, "
+                         f"block_size, head_dim], got shape {cache.shape}")
+    num_pool_layers, num_blocks, shard_heads, block_size, head_dim = cache.shape
+    by_shard = cache.reshape(num_pool_layers // tensor_parallel_size, tensor_parallel_size, num_blocks,
+                             shard_heads, block_size, head_dim)
+    return by_shard.transpose(0, 2, 1, 3, 4, 5).reshape(num_pool_layers // tensor_parallel_size, num_blocks,
+                                                        tensor_parallel_size * shard_heads, block_size, head_dim)
+
+
+def shard_pool_layers(layer, mesh: Mesh) -> jax.Array:
+    """int32[tp]: the pool layer of model `layer` on each shard."""
+    tensor_parallel_size = mesh.shape[TP_AXIS]
+    return jnp.asarray(layer, jnp.int32) * tensor_parallel_size + jnp.arange(tensor_parallel_size, dtype=jnp.int32)
+
+
+def _check_pool(pool: HostKvPool, mesh: Mesh, num_kv_heads: int, op: str) -> None:
+    shard_heads = num_kv_heads // mesh.shape[TP_AXIS]
+    if num_kv_heads % mesh.shape[TP_AXIS] or pool.num_kv_heads != shard_heads:
+        raise ValueError(f"{op}: {num_kv_heads} kv heads over tp={mesh.shape[TP_AXIS]} need a pool of "
+                         f"{num_kv_heads / mesh.shape[TP_AXIS]:g} kv heads per shard, the pool has {pool.num_kv_heads}")
+
+
+def sharded_cpu_attention_start(pool: HostKvPool, mesh: Mesh, q: jax.Array, k_new: jax.Array, v_new: jax.Array,
+                                layer, slot_mapping, block_tables, context_lens) -> PendingAttention:
+    """cpu_attention_start on every shard for its heads: q [n, Hq, Dh], k_new / v_new [n, Hkv, Dh] (split over
+    heads), `layer` the model layer. The result's token is int32[tp]; pass it only to
+    sharded_cpu_attention_wait."""
+    _check_pool(pool, mesh, k_new.shape[1], "sharded_cpu_attention_start")
+    pool_layers = shard_pool_layers(layer, mesh)
+
+    def start(q, k_new, v_new, pool_layer, slot_mapping, block_tables, context_lens):
+        pending = cpu_attention_start(pool, q, k_new, v_new, pool_layer[0], slot_mapping, block_tables,
+                                      context_lens)
+        return pending.token[None]
+
+    tokens = shard_over_heads(start, mesh, in_specs=(HEADS_SPEC, HEADS_SPEC, HEADS_SPEC, SHARD_SPEC, P(), P(), P()),
+                              out_specs=SHARD_SPEC)(q, k_new, v_new, pool_layers, slot_mapping, block_tables,
+                                                    context_lens)
+    return PendingAttention(tokens, q.shape, q.dtype, pool.pool_id)
+
+
+def sharded_cpu_attention_wait(pending: PendingAttention, dep: jax.Array, mesh: Mesh,
+                               dep_spec: P = P()) -> jax.Array:
+    """The output [n, Hq, Dh] (split over heads) of a sharded start; `dep` (laid out as `dep_spec` says, so
+    that no shard gathers it) must be computed before the wait."""
+    num_rows, num_heads, head_dim = pending.out_shape
+    shard_shape = (num_rows, num_heads // mesh.shape[TP_AXIS], head_dim)
+
+    def wait(token, dep):
+        shard_pending = PendingAttention(token[0], shard_shape, pending.out_dtype, pending.pool_id)
+        return cpu_attention_wait(shard_pending, dep)
+
+    return shard_over_heads(wait, mesh, in_specs=(SHARD_SPEC, dep_spec), out_specs=HEADS_SPEC)(pending.token, dep)
+
+
+def sharded_host_kv_store(pool: HostKvPool, mesh: Mesh, k_rows: jax.Array, v_rows: jax.Array, layer,
+                          slot_mapping) -> jax.Array:
+    """host_kv_store per shard: k_rows / v_rows [m, Hkv, Dh] (split over heads) into model `layer` -> int32[tp]."""
+    _check_pool(pool, mesh, k_rows.shape[1], "sharded_host_kv_store")
+
+    def store(k_rows, v_rows, pool_layer, slot_mapping):
+        return host_kv_store(pool, k_rows, v_rows, pool_layer[0], slot_mapping)[None]
+
+    return shard_over_heads(store, mesh, in_specs=(HEADS_SPEC, HEADS_SPEC, SHARD_SPEC, P()), out_specs=SHARD_SPEC)(
+        k_rows, v_rows, shard_pool_layers(layer, mesh), slot_mapping)
+
+
+def sharded_host_kv_load(pool: HostKvPool, mesh: Mesh, layer, slot_mapping,
+                         dep: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """host_kv_load per shard: K and V rows [m, Hkv, Dh] (split over heads) of model `layer`; `dep` (e.g. a
+    sharded store's int32[tp] tokens) must be computed before."""
+    dep = jnp.zeros((mesh.shape[TP_AXIS],), jnp.int32) if dep is None else dep
+
+    def load(pool_layer, slot_mapping, dep):
+        return host_kv_load(pool, pool_layer[0], slot_mapping, dep[0])
+
+    return shard_over_heads(load, mesh, in_specs=(SHARD_SPEC, P(), SHARD_SPEC), out_specs=(HEADS_SPEC, HEADS_SPEC))(
+        shard_pool_layers(layer, mesh), slot_mapping, dep)

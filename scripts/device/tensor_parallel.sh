@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# On a machine of 2 (or more) GPUs (nvidia-h200-x2): llama-3.1-70b in bf16 (random weights, ~132 GiB, so it
+# needs tensor parallelism) served with tensor_parallel_size=$TP, gpu-only vs neo offline throughput through
+# scripts/benchmark_throughput.py. First the sharded tests on the GPUs' host (CPU backend) and on the GPUs,
+# then the runs.
+# Writes log.txt and tp${TP}_<policy>.json into $OUT. The neo run needs the pipelined step (the "neo" policy)
+# to call neo_jax/sharded_host_attention.py; until then it fails at once, which is logged, not fatal.
+# The device tool allows 10 minutes a command: SKIP_TESTS=1 and POLICIES="gpu-only" / "neo" split the work.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/tensor_parallel_out}
+TP=${TP:-2}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+WORKLOAD=(--model llama-3.1-70b --dtype bfloat16 --tensor-parallel-size "$TP" --num-prompts "${NUM_PROMPTS:-256}"
+          --input-len "${INPUT_LEN:-512}" --output-len "${OUTPUT_LEN:-128}" --max-model-len 2048
+          --max-num-seqs "${MAX_NUM_SEQS:-256}" --max-num-batched-tokens 2048)
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
+  time python3 -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | grep -v "is ignored"
+  if [ "${SKIP_TESTS:-0}" != 1 ]; then
+    JAX_PLATFORMS=cpu timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q --tb=short tests/neo_jax/test_tensor_parallel.py
+    echo "tests exit code $?"
+  fi
+  # The tiny checks of the test on the GPUs themselves: greedy tp=2 == tp=1, and the host-pool calls through
+  # one CUDA handoff per GPU.
+  timeout "${GPU_CHECK_TIMEOUT:-150}" python3 - <<'PY'
+import sys
+sys.path.insert(0, "tests/neo_jax")
+import test_tensor_parallel as checks
+from neo_jax.models.config import PRESETS
+PRESETS[checks.TP_MODEL] = checks.TP_CONFIG
+print("gpu greedy tp2 == tp1:", checks.generate_greedy(2)["outputs"] == checks.generate_greedy(1)["outputs"])
+print("gpu host-pool calls tp2:", checks.host_attention_matches(2))
+PY
+  echo "gpu checks exit code $?"
+  for policy in ${POLICIES:-gpu-only neo}; do
+    timeout "${BENCH_TIMEOUT:-200}" python3 scripts/benchmark_throughput.py "${WORKLOAD[@]}" --policy "$policy" \
+      --output-json "$OUT/tp${TP}_${policy}.json"
+    echo "$policy exit code $?"
+  done
+} 2>&1 | tee "$OUT/log.txt"

@@ -1,0 +1,200 @@
+"""Tensor parallelism on JAX's CPU backend with 4 host devices: LLM.generate with tensor_parallel_size 2 and 4
+equals tensor_parallel_size 1, the cache and weights are split over heads, bad sizes raise, and the sharded
+host-pool calls (store, load, CPU attention start/wait) equal the single-device calls.
+
+The host device count must be set before JAX initializes, and pytest's process has JAX running already, so the
+sharded checks run once in a subprocess (this file run as a script) that prints their results as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from neo_jax.config import EngineConfig
+from neo_jax.models.config import PRESETS, ModelConfig
+from neo_jax.sharding import check_tensor_parallel_size
+
+NUM_DEVICES = 4
+# The tiny preset with heads (and kv heads) divisible by 4.
+TP_MODEL = "tiny-tp"
+TP_CONFIG = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=8,
+                        num_kv_heads=4, head_dim=16, max_position_embeddings=256, dtype="float32")
+# One prefill step for all the prompts, then decode steps of 4 rows: two step programs per engine (compiling
+# dominates the test's time).
+ENGINE_OPTIONS = dict(max_model_len=64, block_size=8, num_gpu_blocks=48, max_num_seqs=4, max_num_batched_tokens=64)
+PROMPT_LENGTHS = (5, 17, 23, 9)
+
+
+def generate_greedy(tensor_parallel_size: int) -> dict:
+    import numpy as np
+
+    from neo_jax import LLM, SamplingParams
+    from neo_jax.model_runner import num_step_compilations
+
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 500, size=n).tolist() for n in PROMPT_LENGTHS]
+    greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    llm = LLM(TP_MODEL, tensor_parallel_size=tensor_parallel_size, **ENGINE_OPTIONS)
+    outputs = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    compiled = num_step_compilations()
+    again = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    runner = llm.engine.runner
+    return {"outputs": outputs, "repeat_equal": again == outputs, "recompiled": num_step_compilations() - compiled,
+            "cache_devices": len(runner.kv_cache.k.sharding.device_set),
+            "cache_shard_shape": list(runner.kv_cache.k.addressable_shards[0].data.shape),
+            "wq_shard_shape": list(runner.params["layers"][0]["wq"].addressable_shards[0].data.shape),
+            "w_down_shard_shape": list(runner.params["layers"][0]["w_down"].addressable_shards[0].data.shape)}
+
+
+def error_of(function) -> str:
+    try:
+        function()
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
+def host_attention_matches(tensor_parallel_size: int) -> dict:
+    """The sharded store / load / attention on a shard-major pool against the same calls on a plain pool."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding
+
+    from neo_jax.cpu_ops.handoff import (
+        HostKvPool, cpu_attention_start, cpu_attention_wait, host_kv_store, synchronize)
+    from neo_jax.sharded_host_attention import (
+        make_sharded_host_pool, pool_by_layer, sharded_cpu_attention_start, sharded_cpu_attention_wait,
+        sharded_host_kv_load, sharded_host_kv_store)
+    from neo_jax.sharding import HEADS_SPEC, make_mesh
+
+    c, layer, num_blocks, block_size = TP_CONFIG, 1, 12, 8
+    mesh = make_mesh(tensor_parallel_size)
+    heads = NamedSharding(mesh, HEADS_SPEC)
+    sharded_pool = make_sharded_host_pool(c, num_blocks, block_size, tensor_parallel_size)
+    plain_pool = HostKvPool(c.num_layers, num_blocks, c.num_kv_heads, block_size, c.head_dim, np.float32)
+    rng = np.random.default_rng(tensor_parallel_size)
+    normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+    # Three requests: blocks (1, 2), (3,), (4, 5, 6); contexts of 12, 5 and 20 tokens, the last one new.
+    tables = np.array([[1, 2, 0], [3, 0, 0], [4, 5, 6]], np.int32)
+    lens = np.array([12, 5, 20], np.int32)
+    context_slots = np.concatenate([tables[r, p // block_size] * block_size + p % block_size
+                                    for r, n in enumerate(lens) for p in [np.arange(n - 1)]])
+    k_context, v_context = normal(len(context_slots), c.num_kv_heads, c.head_dim), normal(
+        len(context_slots), c.num_kv_heads, c.head_dim)
+    new_slots = tables[np.arange(3), (lens - 1) // block_size] * block_size + (lens - 1) % block_size
+    q, k_new, v_new = normal(3, c.num_heads, c.head_dim), normal(3, c.num_kv_heads, c.head_dim), normal(
+        3, c.num_kv_heads, c.head_dim)
+
+    @jax.jit
+    def sharded(q, k_new, v_new, k_context, v_context):
+        stored = sharded_host_kv_store(sharded_pool, mesh, k_context, v_context, layer, context_slots)
+        k_loaded, v_loaded = sharded_host_kv_load(sharded_pool, mesh, layer, context_slots, stored)
+        q = q + 0 * k_loaded[:1, :1, :1].sum()  # the attention starts after the load
+        pending = sharded_cpu_attention_start(sharded_pool, mesh, q, k_new, v_new, layer, new_slots, tables, lens)
+        pending, x = jax.lax.optimization_barrier((pending, k_context))
+        return sharded_cpu_attention_wait(pending, jnp.tanh(x), mesh, dep_spec=HEADS_SPEC), k_loaded, v_loaded
+
+    @jax.jit
+    def plain(q, k_new, v_new, k_context, v_context):
+        stored = host_kv_store(plain_pool, k_context, v_context, layer, context_slots)
+        pending = cpu_attention_start(plain_pool, q + 0 * stored, k_new, v_new, layer, new_slots, tables, lens)
+        return cpu_attention_wait(pending, k_context)
+
+    inputs = [jax.device_put(x, heads) for x in (q, k_new, v_new, k_context, v_context)]
+    out, k_loaded, v_loaded = sharded(*inputs)
+    expected = plain(q, k_new, v_new, k_context, v_context)
+    jax.block_until_ready((out, expected))
+    synchronize()  # on GPUs the CPU may still be writing the pools
+    return {"attention_max_error": float(np.abs(np.asarray(out) - np.asarray(expected)).max()),
+            "attention_output_sharded": len(out.sharding.device_set) == tensor_parallel_size,
+            "loaded_equal": bool(np.array_equal(k_loaded, k_context) and np.array_equal(v_loaded, v_context)),
+            "pools_equal": bool(np.array_equal(pool_by_layer(sharded_pool.k_cache, tensor_parallel_size),
+                                               plain_pool.k_cache)
+                                and np.array_equal(pool_by_layer(sharded_pool.v_cache, tensor_parallel_size),
+                                                   plain_pool.v_cache))}
+
+
+def sharded_params_equal(tensor_parallel_size: int) -> bool:
+    """init_sharded_params and shard_params(init_params) give init_params's values."""
+    import jax
+    import numpy as np
+
+    from neo_jax.models import llama
+    from neo_jax.sharding import init_sharded_params, make_mesh, shard_params
+
+    mesh, key = make_mesh(tensor_parallel_size), jax.random.key(3)
+    single = llama.init_params(TP_CONFIG, key)
+    candidates = (init_sharded_params(TP_CONFIG, key, mesh), shard_params(single, TP_CONFIG, mesh))
+    return all(len(leaf.sharding.device_set) == tensor_parallel_size and np.array_equal(leaf, expected)
+               for params in candidates for leaf, expected in zip(jax.tree.leaves(params), jax.tree.leaves(single)))
+
+
+def run_sharded_checks() -> dict:
+    from neo_jax import LLM
+
+    PRESETS[TP_MODEL] = TP_CONFIG
+    results = {f"generate_tp{n}": generate_greedy(n) for n in (1, 2, 4)}
+    results.update({f"params_tp{n}": sharded_params_equal(n) for n in (2, 4)})
+    results.update({f"host_tp{n}": host_attention_matches(n) for n in (2, 4)})
+    results["error_tp3"] = error_of(lambda: LLM(TP_MODEL, tensor_parallel_size=3, **ENGINE_OPTIONS))
+    results["error_tp8"] = error_of(lambda: LLM(TP_MODEL, tensor_parallel_size=8, **ENGINE_OPTIONS))
+    return results
+
+
+@pytest.fixture(scope="module")
+def sharded_results() -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_DEVICES}")
+    process = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    if process.returncode != 0:
+        pytest.fail(f"sharded checks failed:\n{process.stderr[-4000:]}")
+    return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("tensor_parallel_size", [2, 4])
+def test_greedy_outputs_equal_single_device(sharded_results, tensor_parallel_size):
+    single = sharded_results["generate_tp1"]
+    sharded = sharded_results[f"generate_tp{tensor_parallel_size}"]
+    assert [len(tokens) for tokens in single["outputs"]] == [10] * len(PROMPT_LENGTHS)
+    assert sharded["outputs"] == single["outputs"]
+    assert sharded["repeat_equal"] and sharded["recompiled"] == 0
+
+
+@pytest.mark.parametrize("tensor_parallel_size", [1, 2, 4])
+def test_cache_and_weights_split_over_heads(sharded_results, tensor_parallel_size):
+    result = sharded_results[f"generate_tp{tensor_parallel_size}"]
+    c = TP_CONFIG
+    assert result["cache_devices"] == tensor_parallel_size
+    assert result["cache_shard_shape"] == [c.num_layers, 48, c.num_kv_heads // tensor_parallel_size, 8, c.head_dim]
+    assert result["wq_shard_shape"] == [c.hidden_size, c.num_heads * c.head_dim // tensor_parallel_size]
+    assert result["w_down_shard_shape"] == [c.intermediate_size // tensor_parallel_size, c.hidden_size]
+
+
+@pytest.mark.parametrize("tensor_parallel_size", [2, 4])
+def test_sharded_params_equal_single_device_params(sharded_results, tensor_parallel_size):
+    assert sharded_results[f"params_tp{tensor_parallel_size}"]
+
+
+@pytest.mark.parametrize("tensor_parallel_size", [2, 4])
+def test_sharded_host_pool_calls_equal_single_device_calls(sharded_results, tensor_parallel_size):
+    result = sharded_results[f"host_tp{tensor_parallel_size}"]
+    assert result["attention_max_error"] < 1e-5
+    assert result["attention_output_sharded"] and result["loaded_equal"] and result["pools_equal"]
+
+
+def test_bad_tensor_parallel_sizes_raise(sharded_results):
+    assert "tensor_parallel_size: 3 does not divide the model's num_kv_heads (4)" in sharded_results["error_tp3"]
+    assert "tensor_parallel_size: 8 exceeds the 4 devices" in sharded_results["error_tp8"]
+    with pytest.raises(ValueError, match="tensor_parallel_size: must be a positive integer"):
+        EngineConfig(model="tiny", tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="tensor_parallel_size: 4 does not divide the model's num_kv_heads"):
+        check_tensor_parallel_size(PRESETS["tiny"], 4)
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_sharded_checks()))
