@@ -27,7 +27,8 @@ class EngineConfig:
     pool) and "neo" (load-aware CPU offloading). The offload policies add a host pool: `num_cpu_blocks`
     (tests), else `cpu_kv_cache_gb` GiB, else half the available host memory (no more than the requests can
     fill). They schedule with the cost table at `cost_table` (a JSON file from scripts/profile.py), else the
-    table found for this model and machine, else a first-principles estimate.
+    table found for this model and machine, else a first-principles estimate. Under tensor parallelism one host
+    pool serves every shard, each shard's CPU attention reading its own heads.
     """
 
     model: str
@@ -60,9 +61,6 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.gpu_kv_cache_gb is not None and self.gpu_kv_cache_gb <= 0:
             raise ValueError(f"gpu_kv_cache_gb: must be positive, got {self.gpu_kv_cache_gb}")
-        if self.tensor_parallel_size > 1 and self.offloads:
-            raise ValueError(f"tensor_parallel_size: the {self.policy!r} policy runs on one device so far (its "
-                             "pipelined step is not sharded yet); use policy='gpu-only' with tensor parallelism")
         if self.cpu_kv_cache_gb is not None and self.cpu_kv_cache_gb <= 0:
             raise ValueError(f"cpu_kv_cache_gb: must be positive, got {self.cpu_kv_cache_gb}")
         if self.num_cpu_blocks is not None and self.num_cpu_blocks < 2:

@@ -294,6 +294,11 @@ class HardwareSpec:
     host_link_bandwidth: float = 40e9      # bytes/s of pinned copies each way
     handoff_latency_s: float = 100e-6      # fixed cost of one GPU->CPU->GPU round trip
 
+    def over_gpus(self, num_gpus: int) -> HardwareSpec:
+        """The rates of `num_gpus` such GPUs splitting each layer's work (tensor parallel), all-reduces ignored."""
+        return dataclasses.replace(self, gpu_flops=self.gpu_flops * num_gpus,
+                                   gpu_memory_bandwidth=self.gpu_memory_bandwidth * num_gpus)
+
 
 def _roofline(flops: float, nbytes: float, hardware: HardwareSpec) -> float:
     return max(flops / hardware.gpu_flops, nbytes / hardware.gpu_memory_bandwidth)

@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 
 from neo_jax.block_manager import BlockPool, blocks_for
 from neo_jax.config import EngineConfig
-from neo_jax.cost_model import CostModel, MachineId, load_cost_model
+from neo_jax.cost_model import CostModel, HardwareSpec, MachineId, load_cost_model
 from neo_jax.kv_cache import allocate_host_kv_pool, num_cpu_blocks, num_gpu_blocks
 from neo_jax.model_runner import ModelRunner
 from neo_jax.models import llama, loading
@@ -58,7 +58,8 @@ class LLMEngine:
         if config.offloads:
             self.host_pool = BlockPool("cpu", num_cpu_blocks(self.model_config, config, self.max_model_len),
                                        config.block_size)
-            host_pool = allocate_host_kv_pool(self.model_config, self.host_pool.num_blocks, config.block_size)
+            host_pool = allocate_host_kv_pool(self.model_config, self.host_pool.num_blocks, config.block_size,
+                                              config.tensor_parallel_size)
             self.scheduler = PipelineScheduler(config, self.pool, self.host_pool, self._cost_model())
         else:
             self.host_pool = None
@@ -84,9 +85,12 @@ class LLMEngine:
     def _cost_model(self) -> CostModel:
         if self.config.cost_table is not None:
             return CostModel.load(self.config.cost_table)
-        machine = MachineId.current(jax.devices()[0].device_kind)
-        return load_cost_model(self.model_config, model=self.config.model, machine=machine,
-                               block_size=self.config.block_size)
+        # A tensor-parallel engine's GPU side is N devices: its tables are those of "<device> xN".
+        tensor_parallel_size = self.config.tensor_parallel_size
+        gpu_name = jax.devices()[0].device_kind + (f" x{tensor_parallel_size}" if tensor_parallel_size > 1 else "")
+        return load_cost_model(self.model_config, model=self.config.model, machine=MachineId.current(gpu_name),
+                               block_size=self.config.block_size,
+                               hardware=HardwareSpec().over_gpus(tensor_parallel_size))
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

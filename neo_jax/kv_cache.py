@@ -15,6 +15,7 @@ from neo_jax.block_manager import blocks_for
 from neo_jax.config import EngineConfig
 from neo_jax.cpu_ops.handoff import HostKvPool
 from neo_jax.models.config import ModelConfig
+from neo_jax.sharding import check_tensor_parallel_size
 
 logger = logging.getLogger(__name__)
 
@@ -112,12 +113,15 @@ def num_cpu_blocks(model_config: ModelConfig, config: EngineConfig, max_model_le
     return blocks
 
 
-def allocate_host_kv_pool(model_config: ModelConfig, num_blocks: int, block_size: int) -> HostKvPool:
-    """The host pool's K/V memory (pinned when a GPU is present), zeroed."""
+def allocate_host_kv_pool(model_config: ModelConfig, num_blocks: int, block_size: int,
+                          tensor_parallel_size: int = 1) -> HostKvPool:
+    """The host pool's K/V memory (pinned when a GPU is present), zeroed. Over `tensor_parallel_size` > 1 shards
+    it is shard-major (see neo_jax/sharded_host_attention.py): [L * tp, N, Hkv / tp, bs, Dh]."""
+    check_tensor_parallel_size(model_config, tensor_parallel_size)
     dtype = np.dtype(jnp.dtype(model_config.dtype))
     try:
-        pool = HostKvPool(model_config.num_layers, num_blocks, model_config.num_kv_heads, block_size,
-                          model_config.head_dim, dtype)
+        pool = HostKvPool(model_config.num_layers * tensor_parallel_size, num_blocks,
+                          model_config.num_kv_heads // tensor_parallel_size, block_size, model_config.head_dim, dtype)
     except (MemoryError, RuntimeError) as error:
         size = num_blocks * kv_bytes_per_block(model_config, block_size) / GIB
         raise MemoryError(f"cpu_kv_cache_gb: could not allocate the host KV pool ({size:.2f} GiB): {error}") from error

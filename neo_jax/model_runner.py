@@ -41,7 +41,7 @@ def _counted(step: Callable) -> Callable:
 
 # One jitted function of each kind for every runner: engines whose shapes and statics agree share programs.
 jitted_step = jax.jit(_counted(model_step), static_argnums=(4, 5), donate_argnums=(1,))
-jitted_pipeline_step = jax.jit(_counted(pipeline_step), static_argnums=(4, 5), donate_argnums=(1,))
+jitted_pipeline_step = jax.jit(_counted(pipeline_step), static_argnums=(4, 5, 6), donate_argnums=(1,))
 
 
 def num_step_compilations() -> int:
@@ -74,7 +74,7 @@ class ModelRunner:
     def run_pipeline(self, batch: PipelineBatch, sampling: SamplingBatch) -> jax.Array:
         """Runs one packed pipeline step; the sampled tokens int32[R] (not yet fetched)."""
         self.kv_cache, tokens, self.last_logits = jitted_pipeline_step(self.params, self.kv_cache, batch, sampling,
-                                                                       self.model_config, self.host_pool)
+                                                                       self.model_config, self.host_pool, self.mesh)
         return tokens
 
     def execute(self, schedule: PipelineSchedule | list[ScheduledChunk],

@@ -15,8 +15,12 @@ while XLA's stream runs the GPU work placed between a start and its wait. Per la
 
 so the CPU's batch-1 attention hides under batch-0's linear layers and GPU attention, and batch-0's share
 under batch-1's linear layers. Batch-1's QKV runs one layer ahead (its layer-0 QKV before the loop). The layers
-are a Python loop (see models/llama.py), so every layer index is static. The order is forced by data: each wait takes the GPU result it must follow as `dep`, and `optimization_barrier` ties the
-tokens of started calls to the inputs of the GPU work that must come after them.
+are a Python loop (see models/llama.py), so every layer index is static. The order is forced by data: each wait
+takes the GPU result it must follow as `dep`, and `optimization_barrier` ties the tokens of started calls to the
+inputs of the GPU work that must come after them.
+
+Under tensor parallelism (a `mesh`) every host call and GPU attention runs per shard on its heads through
+`neo_jax.sharded_host_attention`; without one the same code runs on one device.
 
 Prefills whose KV goes to the host pool write it there layer by layer (`host_kv_store`) and attend on the GPU
 over context read back from the host (`host_kv_load`). Swaps between the pools run before the layers, one
@@ -27,51 +31,65 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
 
 from neo_jax.attention import attend_context, decode_attention, read_slots, write_kv
-from neo_jax.cpu_ops.handoff import (HostKvPool, PendingAttention, cpu_attention_start, cpu_attention_wait,
-                                     host_kv_load, host_kv_store)
+from neo_jax.cpu_ops.handoff import HostKvPool, PendingAttention, host_kv_load, host_kv_store
 from neo_jax.kv_cache import KVCache
 from neo_jax.models import llama
 from neo_jax.models.config import ModelConfig
 from neo_jax.pipeline_batch import NO_HOST_SLOT, CpuDecodes, PipelineBatch
 from neo_jax.sampler import SamplingBatch, sample
+from neo_jax.sharded_host_attention import (SHARD_SPEC, shard_pool_layers, sharded_cpu_attention_start,
+                                            sharded_cpu_attention_wait)
+from neo_jax.sharding import HEADS_SPEC, KV_BLOCKS_SPEC, TP_AXIS, shard_over_heads
+
+# What must be computed before a wait, with its layout over the tensor-parallel mesh.
+Dependency = tuple[jax.Array, P]
 
 
 def swap_kv(pool: HostKvPool, k_blocks: jax.Array, v_blocks: jax.Array, batch: PipelineBatch,
-            num_blocks: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Copies the step's swap-outs (GPU -> host) and swap-ins (host -> GPU) of every layer.
+            pool_layers: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Copies the step's swap-outs (GPU -> host) and swap-ins (host -> GPU) of every layer; per shard, with
+    pool_layers int32[L, 1] the shard's pool layer of each model layer.
 
-    Returns the caches and a token that follows every store (the loads are followed by the caches)."""
-    num_layers = k_blocks.shape[0] // num_blocks
+    Returns the caches and a token int32[1] that follows every store (the loads are followed by the caches)."""
+    num_blocks = k_blocks.shape[0] // pool_layers.shape[0]
 
-    def layer(carry: tuple[jax.Array, jax.Array, jax.Array], layer_index: jax.Array):
+    def layer(carry: tuple[jax.Array, jax.Array, jax.Array], layers: tuple[jax.Array, jax.Array]):
         k_blocks, v_blocks, done = carry
+        layer_index, pool_layer = layers
         block_offset = layer_index * num_blocks
         if batch.swap_out_gpu_slots.shape[0]:
             k_rows, v_rows = read_slots(k_blocks, v_blocks, batch.swap_out_gpu_slots, block_offset)
-            done = done + host_kv_store(pool, k_rows, v_rows, layer_index, batch.swap_out_host_slots)
+            done = done + host_kv_store(pool, k_rows, v_rows, pool_layer, batch.swap_out_host_slots)
         if batch.swap_in_host_slots.shape[0]:
-            k_rows, v_rows = host_kv_load(pool, layer_index, batch.swap_in_host_slots, dep=done)
+            k_rows, v_rows = host_kv_load(pool, pool_layer, batch.swap_in_host_slots, dep=done)
             k_blocks, v_blocks = write_kv(k_blocks, v_blocks, k_rows, v_rows, batch.swap_in_gpu_slots, block_offset)
         return (k_blocks, v_blocks, done), None
 
-    (k_blocks, v_blocks, done), _ = jax.lax.scan(
-        layer, (k_blocks, v_blocks, jnp.zeros((), jnp.int32)), jnp.arange(num_layers, dtype=jnp.int32))
-    return k_blocks, v_blocks, done
+    layers = (jnp.arange(pool_layers.shape[0], dtype=jnp.int32), pool_layers[:, 0])
+    (k_blocks, v_blocks, done), _ = jax.lax.scan(layer, (k_blocks, v_blocks, jnp.zeros((), jnp.int32)), layers)
+    return k_blocks, v_blocks, done[None]
 
 
-def start_cpu_attention(pool: HostKvPool, q: jax.Array, k: jax.Array, v: jax.Array, layer_index: int,
-                        rows: CpuDecodes) -> PendingAttention:
-    """Appends the rows' new K/V to the host pool and starts their attention."""
-    return cpu_attention_start(pool, q, k.astype(pool.dtype), v.astype(pool.dtype), layer_index, rows.slot_mapping,
-                               rows.block_tables, rows.context_lens)
+def start_cpu_attention(pool: HostKvPool, mesh: Mesh | None, q: jax.Array, k: jax.Array, v: jax.Array,
+                        layer_index: int, rows: CpuDecodes) -> PendingAttention:
+    """Appends the rows' new K/V to the host pool and starts their attention (each shard on its heads)."""
+    return sharded_cpu_attention_start(pool, mesh, q, k.astype(pool.dtype), v.astype(pool.dtype), layer_index,
+                                       rows.slot_mapping, rows.block_tables, rows.context_lens)
+
+
+def wait_cpu_attention(pending: PendingAttention, dependency: Dependency, mesh: Mesh | None) -> jax.Array:
+    dep, dep_spec = dependency
+    return sharded_cpu_attention_wait(pending, dep, mesh, dep_spec)
 
 
 def batch0_gpu_attention(pool: HostKvPool, q: jax.Array, k: jax.Array, v: jax.Array, k_blocks: jax.Array,
-                         v_blocks: jax.Array, batch: PipelineBatch, layer_index: int,
+                         v_blocks: jax.Array, batch: PipelineBatch, pool_layer: jax.Array,
                          block_offset: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Batch-0's GPU rows q/k/v [B + P, ...]: KV writes to both pools, paged decode and prefill attention."""
+    """Batch-0's GPU rows q/k/v [B + P, ...]: KV writes to both pools, paged decode and prefill attention; per
+    shard, with pool_layer int32[1] the shard's pool layer. Returns the caches and the output."""
     gpu = batch.gpu
     num_decodes = gpu.num_decodes
     k_blocks, v_blocks = write_kv(k_blocks, v_blocks, k, v, gpu.slot_mapping, block_offset)
@@ -82,8 +100,8 @@ def batch0_gpu_attention(pool: HostKvPool, q: jax.Array, k: jax.Array, v: jax.Ar
         k_context, v_context = read_slots(k_blocks, v_blocks, gpu.context_slots, block_offset)
         if batch.has_host_prefills:
             stored = host_kv_store(pool, k[num_decodes:].astype(pool.dtype), v[num_decodes:].astype(pool.dtype),
-                                   layer_index, batch.host_prefill_slots)
-            k_host, v_host = host_kv_load(pool, layer_index, batch.host_context_slots, dep=stored)
+                                   pool_layer[0], batch.host_prefill_slots)
+            k_host, v_host = host_kv_load(pool, pool_layer[0], batch.host_context_slots, dep=stored)
             on_host = (batch.host_context_slots != NO_HOST_SLOT)[:, None, None]
             k_context = jnp.where(on_host, k_host.astype(k_context.dtype), k_context)
             v_context = jnp.where(on_host, v_host.astype(v_context.dtype), v_context)
@@ -92,54 +110,69 @@ def batch0_gpu_attention(pool: HostKvPool, q: jax.Array, k: jax.Array, v: jax.Ar
 
 
 def pipeline_step(params: llama.Params, kv_cache: KVCache, batch: PipelineBatch, sampling: SamplingBatch,
-                  config: ModelConfig, pool: HostKvPool) -> tuple[KVCache, jax.Array, jax.Array]:
-    """Runs both micro-batches through the model; the updated GPU cache, tokens int32[R], logits float32[R, V]."""
+                  config: ModelConfig, pool: HostKvPool,
+                  mesh: Mesh | None = None) -> tuple[KVCache, jax.Array, jax.Array]:
+    """Runs both micro-batches through the model; the updated GPU cache, tokens int32[R], logits float32[R, V].
+
+    With a tensor-parallel `mesh` the params and GPU cache arrive sharded (neo_jax.sharding), the host pool is
+    shard-major (neo_jax.sharded_host_attention), and every attention and host call runs per shard on its heads.
+    """
     num_layers, num_blocks = kv_cache.k.shape[:2]
     cache_shape = kv_cache.k.shape
     k_blocks = kv_cache.k.reshape(num_layers * num_blocks, *cache_shape[2:])
     v_blocks = kv_cache.v.reshape(num_layers * num_blocks, *cache_shape[2:])
+    pool_layers = shard_pool_layers(jnp.arange(num_layers, dtype=jnp.int32)[:, None], mesh)  # [L, tp]
     gpu, share, batch1 = batch.gpu, batch.batch0_cpu, batch.batch1_cpu
     num_gpu_rows, has_share, has_batch1 = gpu.token_ids.shape[0], share.num_rows > 0, batch1.num_rows > 0
     has_batch0 = num_gpu_rows > 0 or has_share
     hidden0 = llama.embed_tokens(params, config, jnp.concatenate([gpu.token_ids, share.token_ids]))
     positions0 = jnp.concatenate([gpu.positions, share.positions])
     hidden1 = llama.embed_tokens(params, config, batch1.token_ids)
-    k_blocks, v_blocks, swapped = swap_kv(pool, k_blocks, v_blocks, batch, num_blocks)
+    swap = shard_over_heads(lambda *args: swap_kv(pool, *args), mesh,
+                            in_specs=(KV_BLOCKS_SPEC, KV_BLOCKS_SPEC, P(), P(None, TP_AXIS)),
+                            out_specs=(KV_BLOCKS_SPEC, KV_BLOCKS_SPEC, SHARD_SPEC))
+    k_blocks, v_blocks, swapped = swap(k_blocks, v_blocks, batch, pool_layers)
     _, k_blocks, v_blocks, hidden0, hidden1 = jax.lax.optimization_barrier(
         (swapped, k_blocks, v_blocks, hidden0, hidden1))
+    gpu_attention = shard_over_heads(
+        lambda *args: batch0_gpu_attention(pool, *args), mesh,
+        in_specs=(HEADS_SPEC, HEADS_SPEC, HEADS_SPEC, KV_BLOCKS_SPEC, KV_BLOCKS_SPEC, P(), SHARD_SPEC, P()),
+        out_specs=(KV_BLOCKS_SPEC, KV_BLOCKS_SPEC, HEADS_SPEC))
 
     def start_batch1(hidden1: jax.Array, layer_index: int) -> PendingAttention:
         q, k, v = llama.pre_attention(params["layers"][layer_index], config, hidden1, batch1.positions)
-        return start_cpu_attention(pool, q, k, v, layer_index, batch1)
+        return start_cpu_attention(pool, mesh, q, k, v, layer_index, batch1)
 
     pending1 = start_batch1(hidden1, 0) if has_batch1 else None
     for layer_index, layer_params in enumerate(params["layers"]):
         block_offset = jnp.int32(layer_index * num_blocks)
         starts_next = has_batch1 and layer_index + 1 < num_layers
         if not has_batch0:
-            hidden1 = llama.post_attention(layer_params, config, hidden1, cpu_attention_wait(pending1, hidden1))
+            attn1 = wait_cpu_attention(pending1, (hidden1, P()), mesh)
+            hidden1 = llama.post_attention(layer_params, config, hidden1, attn1)
             pending1 = start_batch1(hidden1, layer_index + 1) if starts_next else None
             continue
         q, k, v = llama.pre_attention(layer_params, config, hidden0, positions0)
-        gpu_done = q
+        gpu_done: Dependency = (q, HEADS_SPEC)
         if has_share:
-            pending0 = start_cpu_attention(pool, q[num_gpu_rows:], k[num_gpu_rows:], v[num_gpu_rows:],
+            pending0 = start_cpu_attention(pool, mesh, q[num_gpu_rows:], k[num_gpu_rows:], v[num_gpu_rows:],
                                            layer_index, share)
-            gpu_done, q, k, v = jax.lax.optimization_barrier((pending0.token, q, k, v))
+            started, q, k, v = jax.lax.optimization_barrier((pending0.token, q, k, v))
+            gpu_done = (started, SHARD_SPEC)
         attn0 = jnp.zeros((0, *q.shape[1:]), q.dtype)
         if num_gpu_rows:
-            k_blocks, v_blocks, attn0 = batch0_gpu_attention(pool, q[:num_gpu_rows], k[:num_gpu_rows],
-                                                             v[:num_gpu_rows], k_blocks, v_blocks, batch,
-                                                             layer_index, block_offset)
-            gpu_done = attn0
+            k_blocks, v_blocks, attn0 = gpu_attention(q[:num_gpu_rows], k[:num_gpu_rows], v[:num_gpu_rows],
+                                                      k_blocks, v_blocks, batch, pool_layers[layer_index],
+                                                      block_offset)
+            gpu_done = (attn0, HEADS_SPEC)
         if has_batch1:
-            hidden1 = llama.post_attention(layer_params, config, hidden1, cpu_attention_wait(pending1, gpu_done))
-            gpu_done = hidden1
+            hidden1 = llama.post_attention(layer_params, config, hidden1, wait_cpu_attention(pending1, gpu_done, mesh))
+            gpu_done = (hidden1, P())
             if starts_next:
                 pending1 = start_batch1(hidden1, layer_index + 1)
-                gpu_done = pending1.token
+                gpu_done = (pending1.token, SHARD_SPEC)
         if has_share:
-            attn0 = jnp.concatenate([attn0, cpu_attention_wait(pending0, gpu_done)])
+            attn0 = jnp.concatenate([attn0, wait_cpu_attention(pending0, gpu_done, mesh)])
         hidden0 = llama.post_attention(layer_params, config, hidden0, attn0)
     sample_rows = jnp.concatenate([gpu.sample_indices, num_gpu_rows + jnp.arange(share.num_rows, dtype=jnp.int32)])
     final_hidden = jnp.concatenate([hidden0[sample_rows], hidden1])

@@ -1,14 +1,17 @@
 """The host KV pool and its custom calls under a tensor-parallel step: each shard serves its own heads.
 
-One `HostKvPool` holds every kv head of every layer, in a shard-major layout: pool layer `layer * tp + shard`
-holds kv heads [shard * Hkv/tp, (shard + 1) * Hkv/tp) of model layer `layer`, i.e. the pool is
-[L * tp, N, Hkv/tp, bs, Dh]. The handoff calls take the layer as an operand while the pool id is a static
-attribute, so the single traced body of a `shard_map` reaches each shard's heads by passing its own pool
-layer; a pool per shard would need a different static pool id per shard, which an SPMD body cannot say.
-Every call goes to the one host worker pool, and a shard's calls read and write only its own heads, so shards
-never touch the same memory. Blocks keep the ids of the single-device pool: block b of every shard's layers
-belongs to the same request. On GPUs each device's calls go through that device's own CUDA handoff (doorbell
-and dispatcher thread); the dispatchers take turns on the worker pool.
+One `HostKvPool` (neo_jax.kv_cache.allocate_host_kv_pool) holds every kv head of every layer, in a shard-major
+layout: pool layer `layer * tp + shard` holds kv heads [shard * Hkv/tp, (shard + 1) * Hkv/tp) of model layer
+`layer`, i.e. the pool is [L * tp, N, Hkv/tp, bs, Dh]. The handoff calls take the layer as an operand while the
+pool id is a static attribute, so the single traced body of a `shard_map` reaches each shard's heads by passing
+its own pool layer; a pool per shard would need a different static pool id per shard, which an SPMD body cannot
+say. Every call goes to the one host worker pool, and a shard's calls read and write only its own heads, so
+shards never touch the same memory. Blocks keep the ids of the single-device pool: block b of every shard's
+layers belongs to the same request. On GPUs each device's calls go through that device's own CUDA handoff
+(doorbell and dispatcher thread); the dispatchers take turns on the worker pool.
+
+Every function also takes `mesh=None` (one device): the pool is then the plain [L, N, Hkv, bs, Dh] pool, tokens
+are int32[1] and the calls are the plain ones, so a step written against this module runs sharded or not.
 
     pending = sharded_cpu_attention_start(pool, mesh, q, k_new, v_new, layer, slots, tables, lens)
     pending, x0 = jax.lax.optimization_barrier((pending, x0))
@@ -31,19 +34,9 @@ from neo_jax.cpu_ops.handoff import (
     host_kv_load,
     host_kv_store,
 )
-from neo_jax.models.config import ModelConfig
-from neo_jax.sharding import HEADS_SPEC, TP_AXIS, check_tensor_parallel_size, shard_over_heads
+from neo_jax.sharding import HEADS_SPEC, TP_AXIS, shard_over_heads
 
 SHARD_SPEC = P(TP_AXIS)  # one entry per shard: its token, its pool layer
-
-
-def make_sharded_host_pool(model_config: ModelConfig, num_blocks: int, block_size: int,
-                           tensor_parallel_size: int) -> HostKvPool:
-    """A zeroed host pool of `num_blocks` blocks for every layer and kv head, in the shard-major layout."""
-    check_tensor_parallel_size(model_config, tensor_parallel_size)
-    return HostKvPool(model_config.num_layers * tensor_parallel_size, num_blocks,
-                      model_config.num_kv_heads // tensor_parallel_size, block_size, model_config.head_dim,
-                      jnp.dtype(model_config.dtype))
 
 
 def pool_by_layer(cache: np.ndarray, tensor_parallel_size: int) -> np.ndarray:
@@ -58,20 +51,26 @@ def pool_by_layer(cache: np.ndarray, tensor_parallel_size: int) -> np.ndarray:
                                                         tensor_parallel_size * shard_heads, block_size, head_dim)
 
 
-def shard_pool_layers(layer, mesh: Mesh) -> jax.Array:
-    """int32[tp]: the pool layer of model `layer` on each shard."""
-    tensor_parallel_size = mesh.shape[TP_AXIS]
+def num_shards(mesh: Mesh | None) -> int:
+    """The tensor-parallel size of `mesh` (1 without one)."""
+    return 1 if mesh is None else mesh.shape[TP_AXIS]
+
+
+def shard_pool_layers(layer, mesh: Mesh | None) -> jax.Array:
+    """int32[..., tp]: the pool layer of model `layer` (a number or an array [..., 1]) on each shard."""
+    tensor_parallel_size = num_shards(mesh)
     return jnp.asarray(layer, jnp.int32) * tensor_parallel_size + jnp.arange(tensor_parallel_size, dtype=jnp.int32)
 
 
-def _check_pool(pool: HostKvPool, mesh: Mesh, num_kv_heads: int, op: str) -> None:
-    shard_heads = num_kv_heads // mesh.shape[TP_AXIS]
-    if num_kv_heads % mesh.shape[TP_AXIS] or pool.num_kv_heads != shard_heads:
-        raise ValueError(f"{op}: {num_kv_heads} kv heads over tp={mesh.shape[TP_AXIS]} need a pool of "
-                         f"{num_kv_heads / mesh.shape[TP_AXIS]:g} kv heads per shard, the pool has {pool.num_kv_heads}")
+def _check_pool(pool: HostKvPool, mesh: Mesh | None, num_kv_heads: int, op: str) -> None:
+    tensor_parallel_size = num_shards(mesh)
+    if num_kv_heads % tensor_parallel_size or pool.num_kv_heads != num_kv_heads // tensor_parallel_size:
+        raise ValueError(f"{op}: {num_kv_heads} kv heads over tp={tensor_parallel_size} need a pool of "
+                         f"{num_kv_heads / tensor_parallel_size:g} kv heads per shard, "
+                         f"the pool has {pool.num_kv_heads}")
 
 
-def sharded_cpu_attention_start(pool: HostKvPool, mesh: Mesh, q: jax.Array, k_new: jax.Array, v_new: jax.Array,
+def sharded_cpu_attention_start(pool: HostKvPool, mesh: Mesh | None, q: jax.Array, k_new: jax.Array, v_new: jax.Array,
                                 layer, slot_mapping, block_tables, context_lens) -> PendingAttention:
     """cpu_attention_start on every shard for its heads: q [n, Hq, Dh], k_new / v_new [n, Hkv, Dh] (split over
     heads), `layer` the model layer. The result's token is int32[tp]; pass it only to
@@ -90,12 +89,12 @@ def sharded_cpu_attention_start(pool: HostKvPool, mesh: Mesh, q: jax.Array, k_ne
     return PendingAttention(tokens, q.shape, q.dtype, pool.pool_id)
 
 
-def sharded_cpu_attention_wait(pending: PendingAttention, dep: jax.Array, mesh: Mesh,
+def sharded_cpu_attention_wait(pending: PendingAttention, dep: jax.Array, mesh: Mesh | None,
                                dep_spec: P = P()) -> jax.Array:
     """The output [n, Hq, Dh] (split over heads) of a sharded start; `dep` (laid out as `dep_spec` says, so
     that no shard gathers it) must be computed before the wait."""
     num_rows, num_heads, head_dim = pending.out_shape
-    shard_shape = (num_rows, num_heads // mesh.shape[TP_AXIS], head_dim)
+    shard_shape = (num_rows, num_heads // num_shards(mesh), head_dim)
 
     def wait(token, dep):
         shard_pending = PendingAttention(token[0], shard_shape, pending.out_dtype, pending.pool_id)
@@ -104,7 +103,7 @@ def sharded_cpu_attention_wait(pending: PendingAttention, dep: jax.Array, mesh: 
     return shard_over_heads(wait, mesh, in_specs=(SHARD_SPEC, dep_spec), out_specs=HEADS_SPEC)(pending.token, dep)
 
 
-def sharded_host_kv_store(pool: HostKvPool, mesh: Mesh, k_rows: jax.Array, v_rows: jax.Array, layer,
+def sharded_host_kv_store(pool: HostKvPool, mesh: Mesh | None, k_rows: jax.Array, v_rows: jax.Array, layer,
                           slot_mapping) -> jax.Array:
     """host_kv_store per shard: k_rows / v_rows [m, Hkv, Dh] (split over heads) into model `layer` -> int32[tp]."""
     _check_pool(pool, mesh, k_rows.shape[1], "sharded_host_kv_store")
@@ -116,11 +115,11 @@ def sharded_host_kv_store(pool: HostKvPool, mesh: Mesh, k_rows: jax.Array, v_row
         k_rows, v_rows, shard_pool_layers(layer, mesh), slot_mapping)
 
 
-def sharded_host_kv_load(pool: HostKvPool, mesh: Mesh, layer, slot_mapping,
+def sharded_host_kv_load(pool: HostKvPool, mesh: Mesh | None, layer, slot_mapping,
                          dep: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """host_kv_load per shard: K and V rows [m, Hkv, Dh] (split over heads) of model `layer`; `dep` (e.g. a
     sharded store's int32[tp] tokens) must be computed before."""
-    dep = jnp.zeros((mesh.shape[TP_AXIS],), jnp.int32) if dep is None else dep
+    dep = jnp.zeros((num_shards(mesh),), jnp.int32) if dep is None else dep
 
     def load(pool_layer, slot_mapping, dep):
         return host_kv_load(pool, pool_layer[0], slot_mapping, dep[0])

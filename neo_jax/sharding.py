@@ -63,7 +63,8 @@ def make_mesh(tensor_parallel_size: int, devices: Sequence[jax.Device] | None = 
 def param_specs(model_config: ModelConfig, tensor_parallel_size: int) -> dict:
     """PartitionSpecs of a params pytree of `model_config` (see models/llama.py for the layout)."""
     vocab_axis = TP_AXIS if model_config.vocab_size % tensor_parallel_size == 0 else None
-    specs = {"embed": P(vocab_axis, None), "layers": [dict(LAYER_SPECS) for _ in range(model_config.num_layers)], "final_norm": P(None)}
+    specs = {"embed": P(vocab_axis, None), "layers": [dict(LAYER_SPECS) for _ in range(model_config.num_layers)],
+             "final_norm": P(None)}
     if not model_config.tie_word_embeddings:
         specs["lm_head"] = P(None, vocab_axis)
     return specs

@@ -3,8 +3,7 @@
 # needs tensor parallelism) served with tensor_parallel_size=$TP, gpu-only vs neo offline throughput through
 # scripts/benchmark_throughput.py. First the sharded tests on the GPUs' host (CPU backend) and on the GPUs,
 # then the runs.
-# Writes log.txt and tp${TP}_<policy>.json into $OUT. The neo run needs the pipelined step (the "neo" policy)
-# to call neo_jax/sharded_host_attention.py; until then it fails at once, which is logged, not fatal.
+# Writes log.txt and tp${TP}_<policy>.json into $OUT; the offload policies get a host KV pool of $CPU_KV_GB GiB.
 # The device tool allows 10 minutes a command: SKIP_TESTS=1 and POLICIES="gpu-only" / "neo" split the work.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -32,13 +31,17 @@ sys.path.insert(0, "tests/neo_jax")
 import test_tensor_parallel as checks
 from neo_jax.models.config import PRESETS
 PRESETS[checks.TP_MODEL] = checks.TP_CONFIG
-print("gpu greedy tp2 == tp1:", checks.generate_greedy(2)["outputs"] == checks.generate_greedy(1)["outputs"])
+single = checks.generate_greedy(1)["outputs"]
+print("gpu greedy tp2 == tp1:", checks.generate_greedy(2)["outputs"] == single)
+print("gpu greedy cpu-all tp2 == gpu-only tp1:", checks.generate_greedy(2, "cpu-all")["outputs"] == single)
 print("gpu host-pool calls tp2:", checks.host_attention_matches(2))
 PY
   echo "gpu checks exit code $?"
   for policy in ${POLICIES:-gpu-only neo}; do
-    timeout "${BENCH_TIMEOUT:-200}" python3 scripts/benchmark_throughput.py "${WORKLOAD[@]}" --policy "$policy" \
-      --output-json "$OUT/tp${TP}_${policy}.json"
+    offload=()
+    [[ $policy != gpu-only ]] && offload=(--cpu-kv-cache-gb "${CPU_KV_GB:-32}")
+    timeout "${BENCH_TIMEOUT:-200}" python3 scripts/benchmark_throughput.py "${WORKLOAD[@]}" "${offload[@]}" \
+      --policy "$policy" --output-json "$OUT/tp${TP}_${policy}.json"
     echo "$policy exit code $?"
   done
 } 2>&1 | tee "$OUT/log.txt"

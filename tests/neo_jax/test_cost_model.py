@@ -145,6 +145,16 @@ def test_fallback_follows_the_roofline_of_its_hardware():
     assert model.prefill_attention_time(2048, 2048) > 3 * model.prefill_attention_time(1024, 1024)
 
 
+def test_fallback_over_several_gpus_splits_only_the_gpu_work():
+    one = fallback_cost_model(CONFIG, model="tiny", machine=MACHINE, block_size=16)
+    two = fallback_cost_model(CONFIG, model="tiny", machine=MACHINE, block_size=16,
+                              hardware=HardwareSpec().over_gpus(2))
+    assert two.linear_time(4000) == pytest.approx(one.linear_time(4000) / 2)
+    assert two.gpu_decode_attention_time(10_000) == pytest.approx(one.gpu_decode_attention_time(10_000) / 2)
+    assert two.cpu_decode_attention_time(7, 10_000) == one.cpu_decode_attention_time(7, 10_000)
+    assert two.handoff_time(8) == one.handoff_time(8)
+
+
 def test_table_path_is_a_plain_file_name_per_model_and_machine(tmp_path):
     path = cost_table_path(tmp_path, "meta/llama 3", "bfloat16", 16, MachineId("Intel(R) Xeon(R) @ 2GHz", 16, "H100"))
     assert path.parent == tmp_path and path.suffix == ".json"

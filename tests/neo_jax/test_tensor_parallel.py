@@ -1,6 +1,7 @@
 """Tensor parallelism on JAX's CPU backend with 4 host devices: LLM.generate with tensor_parallel_size 2 and 4
-equals tensor_parallel_size 1, the cache and weights are split over heads, bad sizes raise, and the sharded
-host-pool calls (store, load, CPU attention start/wait) equal the single-device calls.
+equals tensor_parallel_size 1, under the GPU-only and the offload policies (the sharded pipelined step, with
+host prefills, batch-0 CPU shares and swaps), the cache and weights are split over heads, bad sizes raise, and
+the sharded host-pool calls (store, load, CPU attention start/wait) equal the single-device calls.
 
 The host device count must be set before JAX initializes, and pytest's process has JAX running already, so the
 sharded checks run once in a subprocess (this file run as a script) that prints their results as JSON.
@@ -30,7 +31,13 @@ ENGINE_OPTIONS = dict(max_model_len=64, block_size=8, num_gpu_blocks=48, max_num
 PROMPT_LENGTHS = (5, 17, 23, 9)
 
 
-def generate_greedy(tensor_parallel_size: int) -> dict:
+# The offload policies' pools: the GPU pool holds two of the four requests, the rest prefill to the host pool.
+OFFLOAD_OPTIONS = dict(ENGINE_OPTIONS, num_gpu_blocks=8, num_cpu_blocks=24)
+
+
+def generate_greedy(tensor_parallel_size: int, policy: str = "gpu-only", cost_table: str | None = None,
+                    step_logits: list | None = None) -> dict:
+    """Greedy outputs and facts about the engine; appends each step's logits by request id to `step_logits`."""
     import numpy as np
 
     from neo_jax import LLM, SamplingParams
@@ -39,12 +46,23 @@ def generate_greedy(tensor_parallel_size: int) -> dict:
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 500, size=n).tolist() for n in PROMPT_LENGTHS]
     greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
-    llm = LLM(TP_MODEL, tensor_parallel_size=tensor_parallel_size, **ENGINE_OPTIONS)
+    options = ENGINE_OPTIONS if policy == "gpu-only" else dict(OFFLOAD_OPTIONS, cost_table=cost_table)
+    llm = LLM(TP_MODEL, tensor_parallel_size=tensor_parallel_size, policy=policy, **options)
+    if step_logits is not None:
+        runner, execute = llm.engine.runner, llm.engine.runner.execute
+
+        def execute_and_record(schedule, eos_token_ids):
+            sampled = execute(schedule, eos_token_ids)
+            step_logits.append(runner.last_logits_by_request())
+            return sampled
+
+        runner.execute = execute_and_record
     outputs = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
     compiled = num_step_compilations()
     again = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
     runner = llm.engine.runner
     return {"outputs": outputs, "repeat_equal": again == outputs, "recompiled": num_step_compilations() - compiled,
+            "scheduler_stats": vars(llm.engine.scheduler.stats),
             "cache_devices": len(runner.kv_cache.k.sharding.device_set),
             "cache_shard_shape": list(runner.kv_cache.k.addressable_shards[0].data.shape),
             "wq_shard_shape": list(runner.params["layers"][0]["wq"].addressable_shards[0].data.shape),
@@ -68,15 +86,16 @@ def host_attention_matches(tensor_parallel_size: int) -> dict:
 
     from neo_jax.cpu_ops.handoff import (
         HostKvPool, cpu_attention_start, cpu_attention_wait, host_kv_store, synchronize)
+    from neo_jax.kv_cache import allocate_host_kv_pool
     from neo_jax.sharded_host_attention import (
-        make_sharded_host_pool, pool_by_layer, sharded_cpu_attention_start, sharded_cpu_attention_wait,
+        pool_by_layer, sharded_cpu_attention_start, sharded_cpu_attention_wait,
         sharded_host_kv_load, sharded_host_kv_store)
     from neo_jax.sharding import HEADS_SPEC, make_mesh
 
     c, layer, num_blocks, block_size = TP_CONFIG, 1, 12, 8
     mesh = make_mesh(tensor_parallel_size)
     heads = NamedSharding(mesh, HEADS_SPEC)
-    sharded_pool = make_sharded_host_pool(c, num_blocks, block_size, tensor_parallel_size)
+    sharded_pool = allocate_host_kv_pool(c, num_blocks, block_size, tensor_parallel_size)
     plain_pool = HostKvPool(c.num_layers, num_blocks, c.num_kv_heads, block_size, c.head_dim, np.float32)
     rng = np.random.default_rng(tensor_parallel_size)
     normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
@@ -135,11 +154,38 @@ def sharded_params_equal(tensor_parallel_size: int) -> bool:
                for params in candidates for leaf, expected in zip(jax.tree.leaves(params), jax.tree.leaves(single)))
 
 
+def max_logit_error(expected: list[dict], actual: list[dict]) -> float:
+    """The largest difference between two runs' logits, step by step and request by request (inf when the steps
+    or their requests differ)."""
+    import numpy as np
+
+    if [step.keys() for step in expected] != [step.keys() for step in actual]:
+        return float("inf")
+    return max(float(np.abs(step[request] - other[request]).max())
+               for step, other in zip(expected, actual) for request in step)
+
+
 def run_sharded_checks() -> dict:
+    import pathlib
+    import tempfile
+
+    from test_pipeline import cost_table  # this file runs as a script, from its own directory
+
     from neo_jax import LLM
 
     PRESETS[TP_MODEL] = TP_CONFIG
     results = {f"generate_tp{n}": generate_greedy(n) for n in (1, 2, 4)}
+    with tempfile.TemporaryDirectory() as directory:
+        # A CPU that attends 100x faster than the GPU's linear layers: "neo" hands decodes to both batches.
+        fast_cpu = cost_table(pathlib.Path(directory), cpu_ms_per_1k_tokens=0.01)
+        for policy, sizes in (("cpu-all", (2, 4)), ("neo", (2,))):
+            # The schedule does not depend on the device count, so every step's logits can be compared.
+            single_logits = []
+            generate_greedy(1, policy, fast_cpu, single_logits)
+            for n in sizes:
+                sharded_logits = []
+                results[f"{policy}_tp{n}"] = generate_greedy(n, policy, fast_cpu, sharded_logits)
+                results[f"{policy}_tp{n}"]["max_logit_error"] = max_logit_error(single_logits, sharded_logits)
     results.update({f"params_tp{n}": sharded_params_equal(n) for n in (2, 4)})
     results.update({f"host_tp{n}": host_attention_matches(n) for n in (2, 4)})
     results["error_tp3"] = error_of(lambda: LLM(TP_MODEL, tensor_parallel_size=3, **ENGINE_OPTIONS))
@@ -163,6 +209,20 @@ def test_greedy_outputs_equal_single_device(sharded_results, tensor_parallel_siz
     assert [len(tokens) for tokens in single["outputs"]] == [10] * len(PROMPT_LENGTHS)
     assert sharded["outputs"] == single["outputs"]
     assert sharded["repeat_equal"] and sharded["recompiled"] == 0
+
+
+@pytest.mark.parametrize("run, expected_events", [
+    ("cpu-all_tp2", ("num_pipelined_steps",)),
+    ("cpu-all_tp4", ("num_pipelined_steps",)),
+    ("neo_tp2", ("num_pipelined_steps", "num_swap_out")),
+])
+def test_offload_policies_under_tensor_parallelism_equal_single_device(sharded_results, run, expected_events):
+    result = sharded_results[run]
+    assert result["outputs"] == sharded_results["generate_tp1"]["outputs"]
+    assert result["max_logit_error"] < 1e-5  # against the same policy on one device, every step
+    assert result["repeat_equal"]
+    for event in expected_events:  # the sharded pipelined step did run, with the placements this case is for
+        assert result["scheduler_stats"][event] > 0, (event, result["scheduler_stats"])
 
 
 @pytest.mark.parametrize("tensor_parallel_size", [1, 2, 4])
