@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from neo_jax.benchmark_metrics import bandwidth_bound, kv_bytes_per_token
+from neo_jax.benchmark_metrics import bandwidth_bound, kv_bytes_per_token, random_lengths, random_prompts
 from neo_jax.config import EngineConfig
 from neo_jax.cost_model import DTYPE_BYTES, MachineId
 from neo_jax.cpu_ops import cpu_isa, num_threads, read_bandwidth_probe
@@ -41,6 +41,29 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scenario", default=None, help="name of the setting in plots (default: model and KV sizes)")
     parser.add_argument("--bandwidth-probe-mb", type=int, default=1024, help="MiB the host read-bandwidth probe reads")
     parser.add_argument("--output-json", default=None, help="write the results here")
+
+
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--range-ratio", type=float, default=0.0, help="lengths uniform in len*(1 +- ratio)")
+
+
+@dataclasses.dataclass
+class Workload:
+    """Random prompts (token ids) and the number of tokens to generate for each, drawn from --seed."""
+
+    prompts: list[list[int]]
+    input_lens: list[int]
+    output_lens: list[int]
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, vocab_size: int) -> Workload:
+        rng = np.random.default_rng(args.seed)
+        input_lens = random_lengths(args.num_prompts, args.input_len, args.range_ratio, rng)
+        output_lens = random_lengths(args.num_prompts, args.output_len, args.range_ratio, rng)
+        return cls(random_prompts(input_lens, vocab_size, rng), input_lens, output_lens)
 
 
 def engine_from_args(args: argparse.Namespace) -> LLMEngine:
@@ -103,8 +126,10 @@ def pool_sizes(engine: LLMEngine) -> dict[str, int]:
 
 def machine_info() -> dict[str, Any]:
     """The accelerator, the host CPU (as the cost tables name it) and the commit, for the JSON of every benchmark."""
+    # The GPU machine runs a copy of the working tree whose .git may lag: NEO_JAX_COMMIT names the real commit.
+    commit = os.environ.get("NEO_JAX_COMMIT")
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"

@@ -18,12 +18,10 @@ import numpy as np
 from tqdm import tqdm
 
 from bench_common import (
-    StepMeter, add_engine_arguments, engine_from_args, host_read_gb_per_s, machine_info, pool_sizes, scenario_name,
-    write_json,
+    StepMeter, Workload, add_engine_arguments, add_workload_arguments, engine_from_args, host_read_gb_per_s,
+    machine_info, pool_sizes, scenario_name, write_json,
 )
-from neo_jax.benchmark_metrics import (
-    RequestTrace, format_bound, poisson_arrivals, random_lengths, random_prompts, summarize,
-)
+from neo_jax.benchmark_metrics import RequestTrace, format_bound, poisson_arrivals, summarize
 from neo_jax.engine import LLMEngine
 from neo_jax.sampling_params import SamplingParams
 
@@ -60,19 +58,14 @@ def serve(engine: LLMEngine, prompts: list[list[int]], output_lens: list[int],
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_arguments(parser)
-    parser.add_argument("--num-prompts", type=int, default=64)
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=32)
-    parser.add_argument("--range-ratio", type=float, default=0.0)
+    add_workload_arguments(parser)
     parser.add_argument("--request-rate", type=float, nargs="+", default=[float("inf")],
                         help="requests per second; several values make a sweep; inf sends all at once")
     args = parser.parse_args(argv)
 
     engine = engine_from_args(args)
-    rng = np.random.default_rng(args.seed)
-    input_lens = random_lengths(args.num_prompts, args.input_len, args.range_ratio, rng)
-    output_lens = random_lengths(args.num_prompts, args.output_len, args.range_ratio, rng)
-    prompts = random_prompts(input_lens, engine.model_config.vocab_size, rng)
+    workload = Workload.from_args(args, engine.model_config.vocab_size)
+    prompts, output_lens = workload.prompts, workload.output_lens
     host_gb_per_s = host_read_gb_per_s(args.bandwidth_probe_mb)
     runs = []
     results = {"benchmark": "serving", "scenario": scenario_name(args), "policy": args.policy,

@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 from tqdm import tqdm
 
 from bench_common import (
-    StepMeter, add_engine_arguments, engine_from_args, host_read_gb_per_s, machine_info, pool_sizes, scenario_name,
-    write_json,
+    StepMeter, Workload, add_engine_arguments, add_workload_arguments, engine_from_args, host_read_gb_per_s,
+    machine_info, pool_sizes, scenario_name, write_json,
 )
-from neo_jax.benchmark_metrics import format_bound, random_lengths, random_prompts
+from neo_jax.benchmark_metrics import format_bound
 from neo_jax.engine import LLMEngine
 from neo_jax.sampling_params import SamplingParams
 
@@ -40,18 +39,13 @@ def run_requests(engine: LLMEngine, prompts: list[list[int]], output_lens: list[
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_arguments(parser)
-    parser.add_argument("--num-prompts", type=int, default=64)
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=32)
-    parser.add_argument("--range-ratio", type=float, default=0.0, help="lengths uniform in len*(1 +- ratio)")
+    add_workload_arguments(parser)
     parser.add_argument("--warmup-output-len", type=int, default=4)
     args = parser.parse_args(argv)
 
     engine = engine_from_args(args)
-    rng = np.random.default_rng(args.seed)
-    input_lens = random_lengths(args.num_prompts, args.input_len, args.range_ratio, rng)
-    output_lens = random_lengths(args.num_prompts, args.output_len, args.range_ratio, rng)
-    prompts = random_prompts(input_lens, engine.model_config.vocab_size, rng)
+    workload = Workload.from_args(args, engine.model_config.vocab_size)
+    prompts, input_lens, output_lens = workload.prompts, workload.input_lens, workload.output_lens
     run_requests(engine, prompts, [min(n, args.warmup_output_len) for n in output_lens], "warm-up")
     elapsed, meter = run_requests(engine, prompts, output_lens, args.policy)
     bound = meter.bound(host_read_gb_per_s(args.bandwidth_probe_mb))
