@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Sequence
 
-from neo_jax.neo_policy import POLICIES
+from neo_jax.step_plan import POLICIES
 
 DEFAULT_PROMPTS = (
     "The capital of France is",

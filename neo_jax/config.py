@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from neo_jax.models.config import SUPPORTED_DTYPES, ModelConfig
-from neo_jax.neo_policy import POLICIES
+from neo_jax.step_plan import POLICIES
 
 MIN_TOKEN_BUCKET = 16
 # Decode rows with short contexts share one block-table width (a few padded blocks cost little).

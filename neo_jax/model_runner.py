@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 from neo_jax.batch import ScheduledChunk, StepBatch, pack_step
 from neo_jax.config import EngineConfig, StepBuckets
 from neo_jax.cpu_ops.handoff import HostKvPool
-from neo_jax.kv_cache import KVCache, allocate_kv_cache
+from neo_jax.kv_cache import allocate_kv_cache
 from neo_jax.models import llama
 from neo_jax.models.config import ModelConfig
 from neo_jax.pipeline_batch import PipelineBatch, PipelineSchedule, pack_pipeline_step

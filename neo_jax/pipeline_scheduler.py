@@ -13,7 +13,8 @@ from neo_jax.batch import ScheduledChunk
 from neo_jax.block_manager import BlockPool
 from neo_jax.config import EngineConfig
 from neo_jax.cost_model import CostModel
-from neo_jax.neo_policy import DecodeView, PoolState, PrefillView, StepBudget, StepPlan, plan_step
+from neo_jax.neo_policy import plan_step
+from neo_jax.step_plan import DecodeView, PoolState, PrefillView, StepBudget, StepPlan
 from neo_jax.pipeline_batch import KvMove, PipelineSchedule
 from neo_jax.scheduler import Scheduler
 from neo_jax.sequence import Request, RequestStatus

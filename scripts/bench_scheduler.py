@@ -18,7 +18,8 @@ import time
 
 from neo_jax.cost_model import MachineId, fallback_cost_model
 from neo_jax.models.config import PRESETS
-from neo_jax.neo_policy import DecodeView, PoolState, PrefillView, StepBudget, plan_step
+from neo_jax.neo_policy import plan_step
+from neo_jax.step_plan import DecodeView, PoolState, PrefillView, StepBudget
 
 BLOCK_SIZE = 16
 # name: (policy, share of running requests whose KV is on the host)

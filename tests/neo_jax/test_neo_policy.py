@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from neo_jax.cost_model import CostModel, MachineId, Table1D, Table2D
-from neo_jax.neo_policy import DecodeView, PoolState, PrefillView, StepBudget, StepPlan, plan_step
+from neo_jax.neo_policy import plan_step
+from neo_jax.step_plan import DecodeView, PoolState, PrefillView, StepBudget, StepPlan
 
 MS = 1e-3
 BIG_BUDGET = StepBudget(max_num_tokens=100_000, max_num_seqs=10_000)
