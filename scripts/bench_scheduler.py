@@ -10,12 +10,12 @@ per plan, and the cost of building the views the engine hands over each step.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import statistics
 import time
 
+from bench_common import machine_info, write_json
 from neo_jax.cost_model import MachineId, fallback_cost_model
 from neo_jax.models.config import PRESETS
 from neo_jax.neo_policy import plan_step
@@ -65,14 +65,15 @@ def time_view_building(num_running: int, steps: int) -> list[float]:
     return seconds
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-running", type=int, default=512)
     parser.add_argument("--num-waiting", type=int, default=16)
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--scenarios", type=int, default=50, help="distinct scenarios cycled through")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--output-json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
 
     cost = fallback_cost_model(PRESETS["llama-3-8b"], model="llama-3-8b", machine=MachineId.current("synthetic"),
                                block_size=BLOCK_SIZE)
@@ -83,12 +84,12 @@ def main() -> None:
         scenarios = [draw_scenario(rng, args.num_running, host_share, args.num_waiting) for _ in range(args.scenarios)]
         time_plans(policy, scenarios, budget, cost, min(args.steps, 100))  # warm up
         results[name] = summary(time_plans(policy, scenarios, budget, cost, args.steps))
-    print(json.dumps({
+    write_json(args.output_json, {
         "num_running": args.num_running, "num_waiting": args.num_waiting, "steps": args.steps,
-        "python": platform.python_version(), "cpu": cost.machine.cpu_model,
+        "python": platform.python_version(), "machine": machine_info(),
         "plan_step": results,
         "build_decode_views": summary(time_view_building(args.num_running, min(args.steps, 500))),
-    }, indent=1))
+    })
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 
-import jax
 import numpy as np
 import pytest
 
