@@ -27,7 +27,7 @@ constexpr int64_t kFloatsPerLine = 16;
 using ChunkKernel = void (*)(const ChunkWork&);
 
 ChunkKernel chunk_kernel(Isa isa, int64_t head_dim) {
-  if (isa >= Isa::kAvx512Bf16Fp16 && head_dim % 16 == 0) return attend_chunk_avx512_bf16;
+  if (isa >= Isa::kAvx512Bf16 && head_dim % 16 == 0) return attend_chunk_avx512_bf16;
   if (isa >= Isa::kAvx512 && head_dim % 16 == 0) return attend_chunk_avx512;
   if (isa >= Isa::kAvx2 && head_dim % 8 == 0) return attend_chunk_avx2;
   return attend_chunk_scalar;

@@ -11,8 +11,9 @@ Isa probe() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl")) {
-    if (__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512fp16"))
-      return Isa::kAvx512Bf16Fp16;
+    // The bf16 kernel needs AVX512_BF16 only (fp16 caches convert with F16C-style instructions), so
+    // AMD Zen 4 and Intel Cooper Lake take it as well as Sapphire Rapids.
+    if (__builtin_cpu_supports("avx512bf16")) return Isa::kAvx512Bf16;
     return Isa::kAvx512;
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -42,7 +43,7 @@ Isa best_isa() {
 }
 
 bool isa_from_name(const std::string& name, Isa* isa) {
-  for (Isa candidate : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16Fp16}) {
+  for (Isa candidate : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16}) {
     if (isa_name(candidate) == name) {
       *isa = candidate;
       return true;
@@ -53,7 +54,7 @@ bool isa_from_name(const std::string& name, Isa* isa) {
 
 std::string isa_name(Isa isa) {
   switch (isa) {
-    case Isa::kAvx512Bf16Fp16: return "avx512_bf16";
+    case Isa::kAvx512Bf16: return "avx512_bf16";
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
     case Isa::kScalar: return "scalar";

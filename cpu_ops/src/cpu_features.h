@@ -5,7 +5,7 @@
 
 namespace neo {
 
-enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16Fp16 = 3 };
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
 // The best instruction set that both this CPU and this build support; NEO_CPU_ISA
 // (scalar|avx2|avx512|avx512_bf16) may lower it, for tests and benchmarks.

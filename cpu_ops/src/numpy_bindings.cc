@@ -94,7 +94,7 @@ void append(const py::object& k_cache, const py::object& v_cache, const py::obje
 
 std::vector<std::string> available_isas() {
   std::vector<std::string> names;
-  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16Fp16}) {
+  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16}) {
     if (isa <= cpu_isa_limit()) names.push_back(isa_name(isa));
   }
   return names;
