@@ -51,11 +51,15 @@ typename Ops::V vector_exp(typename Ops::V x) {
   return Ops::mul(p, Ops::pow2(n));
 }
 
-// Blocks are scattered in the pool, so the hardware prefetchers stop at every block's end: K is
-// prefetched into L2 this many blocks ahead (and into L1 one block ahead), V while its block's K is
-// scored. 6 rather than 1 block ahead read 1.3x faster out of DRAM on a 2-core AVX-512 VM
-// (64-256 requests x 1k-4k context; benchmarks/results/cpu_attention_prefetch.md).
-constexpr int64_t kPrefetchBlocks = 6;
+// Blocks are scattered in the pool, so the hardware prefetchers stop at every block's end. While a
+// block's K is scored, its V (for the tile's p.V pass) and the K of the block kPrefetchBlocks ahead are
+// prefetched into L2, and the next block's K into L1, in kPrefetchSlices slices spread over the block's
+// rows: issued all at once at the block's start, the prefetches queued the cores' loads behind them.
+// Measured on a 2-core Zen 4 VM, 64-256 requests x 1k-4k context out of DRAM: one block ahead at once
+// 6.7-7.1 GB/s per core, six ahead at once 9.1-9.2, spread over the rows 13.0-13.4 at two blocks ahead
+// (7.4 at one, 11.7-12.4 at four, 10.4 at ten); benchmarks/results/cpu_attention_prefetch.md.
+constexpr int64_t kPrefetchBlocks = 2;
+constexpr int64_t kPrefetchSlices = 16;
 
 template <int kLocality>
 inline void prefetch_bytes(const void* ptr, int64_t bytes) {
@@ -146,16 +150,25 @@ void attend_tile(const RequestView<KvT>& view, const ChunkScratch& s, int64_t fi
   const int64_t block_bytes = bs * d * static_cast<int64_t>(sizeof(KvT));
   float* scores = s.scores;
   for (int64_t t0 = begin; t0 < end; t0 += bs) {
-    int64_t offset = view.block_offset(t0);
-    if (first_head == 0) {
-      prefetch_bytes<2>(view.v + offset, block_bytes);
-      const int64_t ahead = t0 + kPrefetchBlocks * bs;
-      if (ahead < token_end) prefetch_bytes<2>(view.k + view.block_offset(ahead), block_bytes);
-      if (t0 + bs < token_end) prefetch_bytes<3>(view.k + view.block_offset(t0 + bs), block_bytes);
+    const int64_t offset = view.block_offset(t0), n = end - t0 < bs ? end - t0 : bs;
+    auto k_block = [&](int64_t token) {
+      return token < token_end ? reinterpret_cast<const char*>(view.k + view.block_offset(token)) : nullptr;
+    };
+    const char* v_block = reinterpret_cast<const char*>(view.v + offset);
+    const char* k_ahead = k_block(t0 + kPrefetchBlocks * bs);
+    const char* k_next = k_block(t0 + bs);
+    const int64_t rows_per_slice = (n + kPrefetchSlices - 1) / kPrefetchSlices;
+    const int64_t slice = block_bytes / kPrefetchSlices;
+    for (int64_t row = 0, at = 0; row < n; row += rows_per_slice, at += slice) {
+      if (first_head == 0) {  // later passes over the same block find it in cache
+        prefetch_bytes<2>(v_block + at, slice);
+        if (k_ahead != nullptr) prefetch_bytes<2>(k_ahead + at, slice);
+        if (k_next != nullptr) prefetch_bytes<3>(k_next + at, slice);
+      }
+      const int64_t rows = n - row < rows_per_slice ? n - row : rows_per_slice;
+      Qk::template scores<heads>(s.q + first_head * d, s.q_bf16 + first_head * d, view.k + offset + row * d,
+                                 rows, d, scores + (t0 - begin) + row, stride);
     }
-    int64_t n = end - t0 < bs ? end - t0 : bs;
-    Qk::template scores<heads>(s.q + first_head * d, s.q_bf16 + first_head * d, view.k + offset, n, d,
-                               scores + (t0 - begin), stride);
   }
   for (int h = 0; h < heads; ++h) {
     const int64_t head = first_head + h;
