@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from neo_jax.attention import prefill_attention
 from neo_jax.batch import StepBatch
-from neo_jax.cost_model import DEFAULT_COST_TABLE_DIR, CostModel, MachineId, Table1D, Table2D, cost_table_path
+from neo_jax.cost_model import DEFAULT_COST_TABLE_DIR, CostModel, MachineId, cost_table_path
+from neo_jax.cost_tables import Table1D, Table2D
 from neo_jax.cpu_ops import paged_decode_attention as cpu_paged_decode_attention
 from neo_jax.cpu_ops.handoff import HostKvPool, cpu_attention_start, cpu_attention_wait
 from neo_jax.kernels.paged_attention import paged_decode_attention

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from neo_jax.cost_model import CostModel, MachineId, Table1D, Table2D
+from neo_jax.cost_model import CostModel, MachineId
+from neo_jax.cost_tables import Table1D, Table2D
 from neo_jax.neo_policy import plan_step
 from neo_jax.step_plan import DecodeView, PoolState, PrefillView, StepBudget, StepPlan
 

@@ -24,7 +24,8 @@ import pytest
 from neo_jax.batch import ScheduledChunk
 from neo_jax.block_manager import BlockPool
 from neo_jax.config import EngineConfig
-from neo_jax.cost_model import CostModel, MachineId, Table1D, Table2D
+from neo_jax.cost_model import CostModel, MachineId
+from neo_jax.cost_tables import Table1D, Table2D
 from neo_jax.engine import LLMEngine
 from neo_jax.model_runner import ModelRunner
 from neo_jax.sampling_params import SamplingParams
