@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="host KV pool of the offload policies, GiB (default: half the free host memory)")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="devices the model is split over")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-k", type=int, default=0)
@@ -57,9 +58,13 @@ def generate_main(argv: Sequence[str] | None = None) -> None:
     from neo_jax.sampling_params import SamplingParams
 
     prompts = read_prompts(args)
-    llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, gpu_kv_cache_gb=args.gpu_kv_cache_gb,
-              policy=args.policy, cpu_kv_cache_gb=args.cpu_kv_cache_gb, seed=args.seed, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens)
+    try:
+        llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, gpu_kv_cache_gb=args.gpu_kv_cache_gb,
+                  policy=args.policy, cpu_kv_cache_gb=args.cpu_kv_cache_gb, seed=args.seed,
+                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                  tensor_parallel_size=args.tensor_parallel_size)
+    except ValueError as error:  # an option the model or machine cannot take: say which, as argparse does
+        build_parser().error(str(error))
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                             max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
     start = time.perf_counter()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import jax
+import pytest
+
 from neo_jax.cli import DEFAULT_PROMPTS, build_parser, generate_main, read_prompts
 
 SMALL = ["--max-model-len", "128", "--max-num-seqs", "8", "--max-num-batched-tokens", "64", "--max-tokens", "4"]
@@ -22,3 +25,13 @@ def test_generate_main_prints_every_prompt_and_the_rate(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "--- 'an argument'" in out and "--- 'from a file'" in out
     assert "2 prompts, 8 tokens in" in out and "tokens/s" in out
+
+
+def test_options_the_engine_refuses_exit_with_their_name(capsys):
+    with pytest.raises(SystemExit) as exited:
+        generate_main(["--tensor-parallel-size", str(jax.device_count() + 1), *SMALL])
+    assert exited.value.code == 2
+    assert f"tensor_parallel_size: {jax.device_count() + 1} exceeds" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        generate_main(["--max-model-len", "0", *SMALL[2:]])
+    assert "max_model_len: must be a positive integer" in capsys.readouterr().err
