@@ -189,6 +189,11 @@ class CostModel:
             return cls.from_dict(json.load(file))
 
 
+def gpu_side_name(device_kind: str, tensor_parallel_size: int) -> str:
+    """The `MachineId.gpu_name` of a GPU side of `tensor_parallel_size` devices of `device_kind`."""
+    return device_kind if tensor_parallel_size == 1 else f"{device_kind} x{tensor_parallel_size}"
+
+
 def cost_table_path(directory: str | os.PathLike, model: str, dtype: str, block_size: int,
                     machine: MachineId) -> Path:
     """Where `scripts/profile.py` saves the table of this model and machine."""

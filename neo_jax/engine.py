@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 
 from neo_jax.block_manager import BlockPool, blocks_for
 from neo_jax.config import EngineConfig
-from neo_jax.cost_model import CostModel, HardwareSpec, MachineId, load_cost_model
+from neo_jax.cost_model import CostModel, HardwareSpec, MachineId, gpu_side_name, load_cost_model
 from neo_jax.kv_cache import allocate_host_kv_pool, num_cpu_blocks, num_gpu_blocks
 from neo_jax.model_runner import ModelRunner
 from neo_jax.models import llama, loading
@@ -85,9 +85,8 @@ class LLMEngine:
     def _cost_model(self) -> CostModel:
         if self.config.cost_table is not None:
             return CostModel.load(self.config.cost_table)
-        # A tensor-parallel engine's GPU side is N devices: its tables are those of "<device> xN".
         tensor_parallel_size = self.config.tensor_parallel_size
-        gpu_name = jax.devices()[0].device_kind + (f" x{tensor_parallel_size}" if tensor_parallel_size > 1 else "")
+        gpu_name = gpu_side_name(jax.devices()[0].device_kind, tensor_parallel_size)
         return load_cost_model(self.model_config, model=self.config.model, machine=MachineId.current(gpu_name),
                                block_size=self.config.block_size,
                                hardware=HardwareSpec().over_gpus(tensor_parallel_size))

@@ -10,11 +10,17 @@ of the CPU op on a host KV cache in the model's dtype. The handoff table is the 
 jitted loop that sends each step's queries through `cpu_attention_start` / `cpu_attention_wait` (one token
 of context per request) over the same loop without them. The table is saved where `load_cost_model` looks
 (NEO_JAX_COST_TABLES or ~/.cache/neo_jax/cost_tables, or --cost-table-dir) and, with --output, there too.
+
+With --tensor-parallel-size N the table is that of N devices ("<gpu> xN", as a tensor-parallel engine looks it
+up): the linear layers run sharded over the N devices (their all-reduces included), and the GPU attention and
+handoff are timed on one device with one shard's heads, since the shards run side by side. The CPU attention
+reads every head either way.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from typing import Callable
 
@@ -22,17 +28,19 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from jax.sharding import NamedSharding
 from tqdm import tqdm
 
 from neo_jax.attention import prefill_attention
 from neo_jax.batch import StepBatch
-from neo_jax.cost_model import DEFAULT_COST_TABLE_DIR, CostModel, MachineId, cost_table_path
+from neo_jax.cost_model import DEFAULT_COST_TABLE_DIR, CostModel, MachineId, cost_table_path, gpu_side_name
 from neo_jax.cost_tables import Table1D, Table2D
 from neo_jax.cpu_ops import paged_decode_attention as cpu_paged_decode_attention
 from neo_jax.cpu_ops.handoff import HostKvPool, cpu_attention_start, cpu_attention_wait
 from neo_jax.kernels.paged_attention import paged_decode_attention
 from neo_jax.models.config import ModelConfig, get_config
 from neo_jax.models.llama import DecoderLayer, post_attention, pre_attention
+from neo_jax.sharding import LAYER_SPECS, check_tensor_parallel_size, make_mesh
 
 NUMPY_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
 
@@ -56,9 +64,21 @@ def seconds_per_iteration(body: Callable[..., jax.Array], carry: jax.Array, oper
     return median_seconds(lambda: loop(carry, operands).block_until_ready(), repeats) / iterations
 
 
-def one_layer_params(config: ModelConfig) -> dict:
+def one_layer_params(config: ModelConfig, tensor_parallel_size: int = 1) -> dict:
+    """One decoder layer's random params, split over `tensor_parallel_size` devices as the engine splits them."""
     hidden, positions = jnp.zeros((1, config.hidden_size), config.dtype), jnp.zeros((1,), jnp.int32)
-    return jax.jit(DecoderLayer(config).init)(jax.random.key(0), hidden, positions)["params"]
+    params = jax.jit(DecoderLayer(config).init)(jax.random.key(0), hidden, positions)["params"]
+    if tensor_parallel_size == 1:
+        return params
+    mesh = make_mesh(tensor_parallel_size)
+    return {name: jax.device_put(array, NamedSharding(mesh, LAYER_SPECS[name])) for name, array in params.items()}
+
+
+def one_shard(config: ModelConfig, tensor_parallel_size: int) -> ModelConfig:
+    """The config whose attention is one shard's: its q and kv heads."""
+    check_tensor_parallel_size(config, tensor_parallel_size)
+    return dataclasses.replace(config, num_heads=config.num_heads // tensor_parallel_size,
+                               num_kv_heads=config.num_kv_heads // tensor_parallel_size)
 
 
 def measure_linear(config: ModelConfig, params: dict, num_tokens: int, iterations: int, repeats: int) -> float:
@@ -147,10 +167,12 @@ def grids(quick: bool, context_len: int) -> dict[str, list[int]]:
             "cpu_context": [context_len * n for n in requests] + [context_len * 512], "handoff": [1, 16, 64, 256]}
 
 
-def profile(config: ModelConfig, model: str, block_size: int, context_len: int, quick: bool) -> CostModel:
+def profile(config: ModelConfig, model: str, block_size: int, context_len: int, quick: bool,
+            tensor_parallel_size: int = 1) -> CostModel:
     points = grids(quick, context_len)
     iterations, repeats = (2, 2) if quick else (8, 5)
-    gpu_name = jax.devices()[0].device_kind
+    gpu_name = gpu_side_name(jax.devices()[0].device_kind, tensor_parallel_size)
+    shard = one_shard(config, tensor_parallel_size)
     steps = (len(points["linear"]) + len(points["prefill"]) + len(points["decode_requests"])
              + len(points["cpu_requests"]) * len(points["cpu_context"]) + len(points["handoff"]))
     bar = tqdm(total=steps, desc=f"profile {model}", unit="point")
@@ -163,14 +185,14 @@ def profile(config: ModelConfig, model: str, block_size: int, context_len: int, 
             bar.update()
         return results
 
-    params = one_layer_params(config)
+    params = one_layer_params(config, tensor_parallel_size)
     linear = measured("linear", points["linear"],
                       lambda n: measure_linear(config, params, n, iterations, repeats))
     del params
     prefill = measured("prefill", points["prefill"],
-                       lambda n: measure_prefill_attention(config, n, block_size, iterations, repeats))
+                       lambda n: measure_prefill_attention(shard, n, block_size, iterations, repeats))
     decode = measured("gpu decode", points["decode_requests"], lambda n: measure_gpu_decode_attention(
-        config, n, context_len, block_size, iterations, repeats))
+        shard, n, context_len, block_size, iterations, repeats))
     cells = [(n, c) for n in points["cpu_requests"] for c in points["cpu_context"]]
     max_blocks = max(n * -(-max(1, c // n) // block_size) for n, c in cells)
     cache_shape = (max_blocks, config.num_kv_heads, block_size, config.head_dim)
@@ -181,10 +203,10 @@ def profile(config: ModelConfig, model: str, block_size: int, context_len: int, 
         cpu.append(measured(f"cpu {n} requests", points["cpu_context"], lambda c: measure_cpu_decode_attention(
             config, k_cache, v_cache, n, c, repeats)))
     del k_cache, v_cache
-    pool = HostKvPool(1, max(points["handoff"]), config.num_kv_heads, block_size, config.head_dim,
+    pool = HostKvPool(1, max(points["handoff"]), shard.num_kv_heads, block_size, config.head_dim,
                       NUMPY_DTYPES[config.dtype])
     handoff = measured("handoff", points["handoff"],
-                       lambda n: measure_handoff(config, pool, n, iterations, repeats))
+                       lambda n: measure_handoff(shard, pool, n, iterations, repeats))
     pool.close()
     bar.close()
     return CostModel(
@@ -208,12 +230,17 @@ def main(argv: list[str] | None = None) -> CostModel:
     parser.add_argument("--quick", action="store_true", help="a few small points (CPU smoke runs)")
     parser.add_argument("--cost-table-dir", default=str(DEFAULT_COST_TABLE_DIR))
     parser.add_argument("--output", default=None, help="also save the table here")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="devices the engine will split over")
     args = parser.parse_args(argv)
     if args.block_size <= 0 or args.context_len <= 0:
         parser.error("--block-size and --context-len must be positive")
     config = get_config(args.model)
     config = config.with_dtype(args.dtype) if args.dtype else config
-    cost_model = profile(config, args.model, args.block_size, args.context_len, args.quick)
+    try:
+        cost_model = profile(config, args.model, args.block_size, args.context_len, args.quick,
+                             args.tensor_parallel_size)
+    except ValueError as error:  # a tensor-parallel size the model or the machine cannot take
+        parser.error(str(error))
     path = cost_model.save(cost_table_path(args.cost_table_dir, args.model, config.dtype, args.block_size,
                                            cost_model.machine))
     print(f"saved {cost_model.describe()} to {path}")

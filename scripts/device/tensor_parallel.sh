@@ -4,7 +4,8 @@
 # scripts/benchmark_throughput.py. First the sharded tests on the GPUs' host (CPU backend) and on the GPUs,
 # then the runs.
 # Writes log.txt and tp${TP}_<policy>.json into $OUT; the offload policies get a host KV pool of $CPU_KV_GB GiB.
-# The device tool allows 10 minutes a command: SKIP_TESTS=1 and POLICIES="gpu-only" / "neo" split the work.
+# The device tool allows 10 minutes a command: SKIP_TESTS=1, SKIP_PROFILE=1 and POLICIES="gpu-only" / "neo" split
+# the work. The neo run schedules with the table that the profile step measures over the TP devices.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/tensor_parallel_out}
@@ -37,6 +38,11 @@ print("gpu greedy cpu-all tp2 == gpu-only tp1:", checks.generate_greedy(2, "cpu-
 print("gpu host-pool calls tp2:", checks.host_attention_matches(2))
 PY
   echo "gpu checks exit code $?"
+  if [ "${SKIP_PROFILE:-0}" != 1 ]; then
+    timeout "${PROFILE_TIMEOUT:-240}" python3 scripts/profile.py --model llama-3.1-70b --dtype bfloat16 \
+      --tensor-parallel-size "$TP" --output "$OUT/cost_table_tp${TP}.json"
+    echo "profile exit code $?"
+  fi
   for policy in ${POLICIES:-gpu-only neo}; do
     offload=()
     [[ $policy != gpu-only ]] && offload=(--cpu-kv-cache-gb "${CPU_KV_GB:-32}")

@@ -154,6 +154,33 @@ def sharded_params_equal(tensor_parallel_size: int) -> bool:
                for params in candidates for leaf, expected in zip(jax.tree.leaves(params), jax.tree.leaves(single)))
 
 
+def profile_over_shards(tensor_parallel_size: int) -> dict:
+    """scripts/profile.py --quick over `tensor_parallel_size` devices, and whether a tensor-parallel engine of that
+    size finds the table it wrote (by model, dtype, block size and "<device> xN")."""
+    import importlib.util
+    import pathlib
+    import tempfile
+    import warnings
+
+    import jax
+
+    from neo_jax.cost_model import MachineId, gpu_side_name, load_cost_model
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "profile.py"
+    spec = importlib.util.spec_from_file_location("script_profile", path)  # not the standard library's profile
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with tempfile.TemporaryDirectory() as directory:
+        table = script.main(["--model", TP_MODEL, "--quick", "--block-size", "8", "--context-len", "32",
+                             "--tensor-parallel-size", str(tensor_parallel_size), "--cost-table-dir", directory])
+        machine = MachineId.current(gpu_side_name(jax.devices()[0].device_kind, tensor_parallel_size))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            found = load_cost_model(TP_CONFIG, model=TP_MODEL, machine=machine, block_size=8, directory=directory)
+    return {"gpu_name": table.machine.gpu_name, "found": found == table,
+            "all_timed": all(t > 0 for t in table.linear.seconds + table.gpu_decode_attention.seconds)}
+
+
 def max_logit_error(expected: list[dict], actual: list[dict]) -> float:
     """The largest difference between two runs' logits, step by step and request by request (inf when the steps
     or their requests differ)."""
@@ -188,6 +215,7 @@ def run_sharded_checks() -> dict:
                 results[f"{policy}_tp{n}"]["max_logit_error"] = max_logit_error(single_logits, sharded_logits)
     results.update({f"params_tp{n}": sharded_params_equal(n) for n in (2, 4)})
     results.update({f"host_tp{n}": host_attention_matches(n) for n in (2, 4)})
+    results["profile_tp2"] = profile_over_shards(2)
     results["error_tp3"] = error_of(lambda: LLM(TP_MODEL, tensor_parallel_size=3, **ENGINE_OPTIONS))
     results["error_tp8"] = error_of(lambda: LLM(TP_MODEL, tensor_parallel_size=8, **ENGINE_OPTIONS))
     return results
@@ -233,6 +261,11 @@ def test_cache_and_weights_split_over_heads(sharded_results, tensor_parallel_siz
     assert result["cache_shard_shape"] == [c.num_layers, 48, c.num_kv_heads // tensor_parallel_size, 8, c.head_dim]
     assert result["wq_shard_shape"] == [c.hidden_size, c.num_heads * c.head_dim // tensor_parallel_size]
     assert result["w_down_shard_shape"] == [c.intermediate_size // tensor_parallel_size, c.hidden_size]
+
+
+def test_profile_over_shards_writes_the_table_a_tensor_parallel_engine_finds(sharded_results):
+    result = sharded_results["profile_tp2"]
+    assert result["gpu_name"].endswith(" x2") and result["found"] and result["all_timed"]
 
 
 @pytest.mark.parametrize("tensor_parallel_size", [2, 4])
