@@ -6,6 +6,19 @@
 namespace neo {
 namespace {
 
+// The horizontal sums of four vectors at once, as lanes 0-3 (a, b, c, d): 13 instructions where four
+// separate reductions take about 32, and q.k does one per head for every cached token.
+inline __m128 reduce_add4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // a0+a2, b0+b2, a1+a3, b1+b3
+  __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  __m512d ab_pairs = _mm512_castps_pd(ab), cd_pairs = _mm512_castps_pd(cd);
+  __m512 abcd = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(ab_pairs, cd_pairs)),
+                              _mm512_castpd_ps(_mm512_unpackhi_pd(ab_pairs, cd_pairs)));  // per 128-bit lane
+  abcd = _mm512_add_ps(abcd, _mm512_shuffle_f32x4(abcd, abcd, 0x4E));
+  abcd = _mm512_add_ps(abcd, _mm512_shuffle_f32x4(abcd, abcd, 0xB1));
+  return _mm512_castps512_ps128(abcd);
+}
+
 struct DotBf16Qk {
   static constexpr bool kUsesBf16Q = true;
 
@@ -21,7 +34,13 @@ struct DotBf16Qk {
         for (int h = 0; h < heads; ++h)
           acc[h] = _mm512_dpbf16_ps(acc[h], (__m512bh)_mm512_loadu_si512(q + h * head_dim + j), key);
       }
-      for (int h = 0; h < heads; ++h) out[h * stride + t] = _mm512_reduce_add_ps(acc[h]);
+      int h = 0;
+      for (; h + 4 <= heads; h += 4) {
+        alignas(16) float sums[4];
+        _mm_store_ps(sums, reduce_add4(acc[h], acc[h + 1], acc[h + 2], acc[h + 3]));
+        for (int i = 0; i < 4; ++i) out[(h + i) * stride + t] = sums[i];
+      }
+      for (; h < heads; ++h) out[h * stride + t] = _mm512_reduce_add_ps(acc[h]);
     }
   }
 };
