@@ -172,8 +172,28 @@ def restore_params(path: str | os.PathLike, config: ModelConfig) -> Params:
 
     abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
     with ocp.StandardCheckpointer() as checkpointer:
+        # Checked from the metadata before orbax reads a byte: a restore that fails inside orbax also leaves its
+        # background event loop with callbacks it can no longer run.
+        _check_saved_params(path, checkpointer.metadata(os.path.abspath(path)), abstract)
         try:
             return checkpointer.restore(os.path.abspath(path), abstract)
         except (ValueError, KeyError) as error:
             raise CheckpointError(f"{path}: orbax checkpoint does not match the config: {error}") from error
+
+
+def _check_saved_params(path: str | os.PathLike, metadata, abstract: Params) -> None:
+    """Raises CheckpointError naming the params missing, unexpected, or saved with another shape or dtype."""
+    saved = {jax.tree_util.keystr(key): leaf for key, leaf in
+             jax.tree_util.tree_leaves_with_path(getattr(metadata, "item_metadata", metadata))}
+    expected = {jax.tree_util.keystr(key): leaf for key, leaf in jax.tree_util.tree_leaves_with_path(abstract)}
+    problems = [f"{name} is missing" for name in sorted(expected.keys() - saved.keys())]
+    problems += [f"{name} is not a param of this model" for name in sorted(saved.keys() - expected.keys())]
+    for name, want in expected.items():
+        got = saved.get(name)
+        if got is not None and (tuple(got.shape), np.dtype(got.dtype)) != (want.shape, want.dtype):
+            problems.append(f"{name} is {np.dtype(got.dtype)}{list(got.shape)}, the config needs "
+                            f"{want.dtype}{list(want.shape)}")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(f"{path}: orbax checkpoint does not match the config: {problems[0]}{more}")
 

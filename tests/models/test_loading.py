@@ -104,5 +104,10 @@ def test_orbax_restore_against_a_different_config_fails(tmp_path: pathlib.Path) 
     config = PRESETS["tiny"]
     save_params(tmp_path / "ckpt", llama.init_params(config, jax.random.key(0)))
     other = ModelConfig(**{**config.__dict__, "hidden_size": 64})
-    with pytest.raises(CheckpointError, match="does not match the config"):
+    with pytest.raises(CheckpointError, match=r"does not match the config: \['embed'\] is float32\[512, 128\], "
+                                              r"the config needs float32\[512, 64\] \(and \d+ more\)"):
         restore_params(tmp_path / "ckpt", other)
+    fewer_layers = ModelConfig(**{**config.__dict__, "num_layers": config.num_layers - 1})
+    last_layer = config.num_layers - 1
+    with pytest.raises(CheckpointError, match=rf"\['layers'\]\[{last_layer}\]\['input_norm'\] is not a param"):
+        restore_params(tmp_path / "ckpt", fewer_layers)
