@@ -170,7 +170,10 @@ def main() -> None:
         results["check"] = check_against_forward()
         write_json(args.output_json, results)
     results["copy_bandwidth_GBps"] = copy_bandwidth(int(args.copy_gb * 2**30)) / 1e9
+    start = time.perf_counter()
     model_config, params = load_model(args.model, args.dtype, seed=0)
+    jax.block_until_ready(params)
+    results["random_init_s"] = time.perf_counter() - start  # on the device, compilation included (issue 2)
     max_batch = max(args.batch_sizes)
     max_model_len = max(args.context, args.prefill_len)
     config = EngineConfig(model=args.model, dtype=args.dtype, block_size=args.block_size, max_num_seqs=max_batch,
