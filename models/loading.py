@@ -171,12 +171,13 @@ def restore_params(path: str | os.PathLike, config: ModelConfig) -> Params:
     from neo_jax.models.llama import init_params
 
     abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    directory = os.path.abspath(path)
     with ocp.StandardCheckpointer() as checkpointer:
         # Checked from the metadata before orbax reads a byte: a restore that fails inside orbax also leaves its
         # background event loop with callbacks it can no longer run.
-        _check_saved_params(path, checkpointer.metadata(os.path.abspath(path)), abstract)
+        _check_saved_params(path, checkpointer.metadata(directory), abstract)
         try:
-            return checkpointer.restore(os.path.abspath(path), abstract)
+            return checkpointer.restore(directory, abstract)
         except (ValueError, KeyError) as error:
             raise CheckpointError(f"{path}: orbax checkpoint does not match the config: {error}") from error
 

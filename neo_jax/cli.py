@@ -52,7 +52,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def generate_main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from neo_jax.llm import LLM
     from neo_jax.sampling_params import SamplingParams
@@ -64,7 +65,7 @@ def generate_main(argv: Sequence[str] | None = None) -> None:
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                   tensor_parallel_size=args.tensor_parallel_size)
     except ValueError as error:  # an option the model or machine cannot take: say which, as argparse does
-        build_parser().error(str(error))
+        parser.error(str(error))
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                             max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
     start = time.perf_counter()

@@ -1,9 +1,9 @@
 """The per-step decision layer: which requests run, where their KV lives, how the two batches split.
 
 The engine's scheduler describes each step with plain views (`DecodeView`, `PrefillView`,
-`PoolState`, `StepBudget`, in neo_jax/step_plan.py) and calls `plan_step` once; the returned `StepPlan` lists request ids
-only. Swaps and preemptions in a plan take effect before the step's forward pass, so a request
-swapped out in this step may already decode on the CPU in it.
+`PoolState`, `StepBudget`, in neo_jax/step_plan.py) and calls `plan_step` once; the returned
+`StepPlan` lists request ids only. Swaps and preemptions in a plan take effect before the step's
+forward pass, so a request swapped out in this step may already decode on the CPU in it.
 
 Policies:
 - "gpu-only": vLLM-like, one batch on the GPU, no host pool.

@@ -70,7 +70,8 @@ def param_specs(model_config: ModelConfig, tensor_parallel_size: int) -> dict:
     return specs
 
 
-def _named(mesh: Mesh, specs):
+def named_shardings(mesh: Mesh, specs):
+    """`specs` (a pytree of PartitionSpecs) as NamedShardings over `mesh`."""
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, P))
 
 
@@ -80,13 +81,13 @@ def shard_params(params: llama.Params, model_config: ModelConfig, mesh: Mesh) ->
     specs = param_specs(model_config, mesh.shape[TP_AXIS])
     if jax.tree.structure(params) != jax.tree.structure(specs, is_leaf=lambda x: isinstance(x, P)):
         raise ValueError(f"params: keys {sorted(params)} do not match the Llama layout {sorted(specs)}")
-    return jax.device_put(params, _named(mesh, specs))
+    return jax.device_put(params, named_shardings(mesh, specs))
 
 
 def init_sharded_params(model_config: ModelConfig, key: jax.Array, mesh: Mesh) -> llama.Params:
     """llama.init_params's values, made by one program over the mesh: each device keeps only its shards."""
     check_tensor_parallel_size(model_config, mesh.shape[TP_AXIS])
-    shardings = _named(mesh, param_specs(model_config, mesh.shape[TP_AXIS]))
+    shardings = named_shardings(mesh, param_specs(model_config, mesh.shape[TP_AXIS]))
     return jax.jit(llama.init_params, static_argnums=0, out_shardings=shardings)(model_config, key)
 
 

@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from jax.sharding import NamedSharding
 from tqdm import tqdm
 
 from neo_jax.attention import prefill_attention
@@ -40,7 +39,7 @@ from neo_jax.cpu_ops.handoff import HostKvPool, cpu_attention_start, cpu_attenti
 from neo_jax.kernels.paged_attention import paged_decode_attention
 from neo_jax.models.config import ModelConfig, get_config
 from neo_jax.models.llama import DecoderLayer, post_attention, pre_attention
-from neo_jax.sharding import LAYER_SPECS, check_tensor_parallel_size, make_mesh
+from neo_jax.sharding import LAYER_SPECS, check_tensor_parallel_size, make_mesh, named_shardings
 
 NUMPY_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
 
@@ -70,8 +69,7 @@ def one_layer_params(config: ModelConfig, tensor_parallel_size: int = 1) -> dict
     params = jax.jit(DecoderLayer(config).init)(jax.random.key(0), hidden, positions)["params"]
     if tensor_parallel_size == 1:
         return params
-    mesh = make_mesh(tensor_parallel_size)
-    return {name: jax.device_put(array, NamedSharding(mesh, LAYER_SPECS[name])) for name, array in params.items()}
+    return jax.device_put(params, named_shardings(make_mesh(tensor_parallel_size), LAYER_SPECS))
 
 
 def one_shard(config: ModelConfig, tensor_parallel_size: int) -> ModelConfig:
