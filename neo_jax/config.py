@@ -95,6 +95,14 @@ def powers_of_two(smallest: int, largest: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
+def power_of_two_at_least(size: int, smallest: int) -> int:
+    """The smallest `smallest * 2**k` that holds `size`: an unbounded bucket (few sizes ever reach jit)."""
+    bucket_size = smallest
+    while bucket_size < size:
+        bucket_size *= 2
+    return bucket_size
+
+
 def bucket(size: int, buckets: tuple[int, ...]) -> int:
     """The smallest bucket that holds `size`; 0 stays 0 (that part of the step is absent)."""
     if size == 0:

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from neo_jax.batch import ScheduledChunk, StepBatch, pack_step, prefill_spans, slots_of, split_chunks, token_at
-from neo_jax.config import MIN_TOKEN_BUCKET, StepBuckets, bucket, powers_of_two
+from neo_jax.config import MIN_TOKEN_BUCKET, StepBuckets, bucket, power_of_two_at_least
 from neo_jax.sequence import Request
 
 NO_HOST_SLOT = -1
@@ -114,9 +114,9 @@ def pack_cpu_decodes(chunks: list[ScheduledChunk], block_size: int,
 
 
 def pack_moves(moves: list[KvMove], block_size: int, pad_source: int, pad_target: int) -> tuple[np.ndarray, ...]:
-    """Source and target slots of every moved KV row, padded to a power of two."""
+    """Source and target slots of every moved KV row, padded to a power of two (none: 0 rows)."""
     num_rows = sum(m.num_tokens for m in moves)
-    size = bucket(num_rows, powers_of_two(MIN_TOKEN_BUCKET, max(num_rows, MIN_TOKEN_BUCKET)))
+    size = power_of_two_at_least(num_rows, MIN_TOKEN_BUCKET) if num_rows else 0
     source = np.full(size, pad_source, np.int32)
     target = np.full(size, pad_target, np.int32)
     offset = 0

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neo_jax.config import powers_of_two
+from neo_jax.config import power_of_two_at_least
 from neo_jax.sequence import Request
 
 MIN_SUPPRESSED_WIDTH = 4
@@ -38,7 +38,7 @@ class SamplingBatch:
 def pack_sampling(requests: list[Request | None], eos_token_ids: tuple[int, ...]) -> SamplingBatch:
     """Sampling parameters of each row's request; rows without one (None) are greedy padding."""
     suppressed = [() if r is None else r.suppressed_token_ids(eos_token_ids) for r in requests]
-    width = powers_of_two(MIN_SUPPRESSED_WIDTH, max(map(len, suppressed), default=0))[-1]
+    width = power_of_two_at_least(max(map(len, suppressed), default=0), MIN_SUPPRESSED_WIDTH)
     suppressed_ids = np.full((len(requests), width), -1, np.int32)
     for row, ids in enumerate(suppressed):
         suppressed_ids[row, :len(ids)] = ids

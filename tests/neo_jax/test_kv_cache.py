@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from neo_jax.config import EngineConfig, StepBuckets, bucket, powers_of_two
+from neo_jax.config import EngineConfig, StepBuckets, bucket, power_of_two_at_least, powers_of_two
 from neo_jax.kv_cache import GIB, activation_reserve_bytes, kv_bytes_per_block, num_gpu_blocks
 from neo_jax.models.config import PRESETS
 
@@ -52,6 +52,7 @@ def test_a_budget_without_room_for_the_scratch_block_raises():
 def test_buckets():
     assert powers_of_two(16, 100) == (16, 32, 64, 100)
     assert powers_of_two(8, 2) == (8,)
+    assert [power_of_two_at_least(n, 16) for n in (0, 16, 17, 1100, 4096)] == [16, 16, 32, 2048, 4096]
     assert [bucket(n, (1, 2, 4)) for n in (0, 1, 3, 4)] == [0, 1, 4, 4]
     with pytest.raises(ValueError, match="exceeds the largest bucket 4"):
         bucket(5, (1, 2, 4))
