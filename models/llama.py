@@ -180,27 +180,44 @@ def forward(params: Params, config: ModelConfig, token_ids: jax.Array) -> jax.Ar
     return final_logits(params, config, hidden).reshape(batch, seq, -1)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def init_params(config: ModelConfig, key: jax.Array) -> Params:
-    """Random params made by one jitted program on the default device (seconds for an 8B model).
+def _rbg_key(key: jax.Array) -> jax.Array:
+    """A key of XLA's RngBitGenerator seeded from `key`: threefry needs several times the drawn tensors' size in
+    temporaries (67 GB for all of Llama-3-8B), this a few hundred MB. Its values differ between backends."""
+    return jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
 
-    The key only seeds XLA's RngBitGenerator ("rbg"): threefry needs several times the model's size in
-    temporaries (67 GB for Llama-3-8B), this a few hundred MB. The values differ between backends for the
-    same key.
-    """
+
+def init_layer_params(config: ModelConfig, key: jax.Array) -> Params:
+    """One decoder layer's random params (jit it: `init_params` runs the one program for every layer)."""
     dtype = jnp.dtype(config.dtype)
-    rbg_key = jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
-    embed_key, head_key, layers_key = jax.random.split(rbg_key, 3)
     dummy_hidden = jnp.zeros((1, config.hidden_size), dtype)
-    dummy_positions = jnp.zeros((1,), jnp.int32)
+    return DecoderLayer(config).init(_rbg_key(key), dummy_hidden, jnp.zeros((1,), jnp.int32))["params"]
 
-    layers = [DecoderLayer(config).init(layer_key, dummy_hidden, dummy_positions)["params"]
-              for layer_key in jax.random.split(layers_key, config.num_layers)]
+
+def init_embedding_params(config: ModelConfig, key: jax.Array) -> Params:
+    """The random params outside the decoder layers: embeddings, final norm, LM head when untied."""
+    dtype = jnp.dtype(config.dtype)
+    embed_key, head_key = jax.random.split(_rbg_key(key))
     params: Params = {
         "embed": 0.02 * jax.random.normal(embed_key, (config.vocab_size, config.hidden_size), dtype),
-        "layers": layers,
         "final_norm": jnp.ones((config.hidden_size,), dtype),
     }
     if not config.tie_word_embeddings:
         params["lm_head"] = 0.02 * jax.random.normal(head_key, (config.hidden_size, config.vocab_size), dtype)
+    return params
+
+
+def init_params(config: ModelConfig, key: jax.Array, shardings: Params | None = None) -> Params:
+    """Random params made straight on the device by two small programs: the decoder layer's compiles once and
+    runs for every layer (seconds for an 8B model; one program unrolled over all layers took minutes of XLA
+    compilation on the GPU). `shardings`: NamedShardings shaped like the params, so that each device makes and
+    keeps only its shards. The values differ between backends for the same key.
+    """
+    embedding_key, layers_key = jax.random.split(key)
+    layer_options, embedding_options = {}, {}
+    if shardings is not None:
+        layer_options["out_shardings"] = shardings["layers"][0]
+        embedding_options["out_shardings"] = {name: value for name, value in shardings.items() if name != "layers"}
+    init_layer = jax.jit(init_layer_params, static_argnums=0, **layer_options)
+    params = jax.jit(init_embedding_params, static_argnums=0, **embedding_options)(config, embedding_key)
+    params["layers"] = [init_layer(config, layer_key) for layer_key in jax.random.split(layers_key, config.num_layers)]
     return params

@@ -85,10 +85,9 @@ def shard_params(params: llama.Params, model_config: ModelConfig, mesh: Mesh) ->
 
 
 def init_sharded_params(model_config: ModelConfig, key: jax.Array, mesh: Mesh) -> llama.Params:
-    """llama.init_params's values, made by one program over the mesh: each device keeps only its shards."""
+    """llama.init_params's values, made over the mesh: each device makes and keeps only its shards."""
     check_tensor_parallel_size(model_config, mesh.shape[TP_AXIS])
-    shardings = named_shardings(mesh, param_specs(model_config, mesh.shape[TP_AXIS]))
-    return jax.jit(llama.init_params, static_argnums=0, out_shardings=shardings)(model_config, key)
+    return llama.init_params(model_config, key, named_shardings(mesh, param_specs(model_config, mesh.shape[TP_AXIS])))
 
 
 def kv_cache_sharding(mesh: Mesh) -> NamedSharding:
