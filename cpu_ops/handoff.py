@@ -132,10 +132,12 @@ def _check_length(op: str, name: str, array: jax.Array, length: int) -> None:
 
 
 def cpu_attention_start(pool: HostKvPool, q: jax.Array, k_new: jax.Array, v_new: jax.Array, layer,
-                        slot_mapping, block_tables, context_lens) -> PendingAttention:
+                        slot_mapping, block_tables, context_lens, dep: jax.Array | None = None) -> PendingAttention:
     """Appends k_new / v_new [n, kv_heads, head_dim] at slot_mapping [n] into `layer` of the pool,
     then starts decode attention of q [n, q_heads, head_dim] over the pool: request i attends to
-    its first context_lens[i] tokens (the new one included) through block_tables [n, max_blocks]."""
+    its first context_lens[i] tokens (the new one included) through block_tables [n, max_blocks].
+    `dep` (e.g. the token of a store into the blocks it reads) must be computed before the call:
+    XLA orders custom calls by their operands only (an optimization_barrier does not hold them)."""
     op = "cpu_attention_start"
     pool._check_open(op)
     if q.ndim != 3 or q.shape[2] != pool.head_dim or q.dtype not in _POOL_DTYPES:
@@ -153,8 +155,9 @@ def cpu_attention_start(pool: HostKvPool, q: jax.Array, k_new: jax.Array, v_new:
                 _index_array(op, "context_lens", context_lens, 1))
     for name, array in zip(("slot_mapping", "block_tables", "context_lens"), operands[4:]):
         _check_length(op, name, array, num_reqs)
+    dep = jnp.zeros((), jnp.int32) if dep is None else dep
     token = jax.ffi.ffi_call(_ATTENTION_START, jax.ShapeDtypeStruct((), jnp.int32),
-                             has_side_effect=True)(*operands, pool_id=np.int64(pool.pool_id))
+                             has_side_effect=True)(*operands, dep, pool_id=np.int64(pool.pool_id))
     return PendingAttention(token, q.shape, q.dtype, pool.pool_id)
 
 

@@ -24,7 +24,9 @@ Under tensor parallelism (a `mesh`) every host call and GPU attention runs per s
 
 Prefills whose KV goes to the host pool write it there layer by layer (`host_kv_store`) and attend on the GPU
 over context read back from the host (`host_kv_load`). Swaps between the pools run before the layers, one
-store or load per layer, so a request swapped this step already attends from its new pool.
+store or load per layer, so a request swapped this step already attends from its new pool: every CPU attention
+takes the swaps' token as an operand (XLA orders custom calls by their operands; an `optimization_barrier`
+was seen not to hold one back), and the GPU reads swapped-in rows through the cache they wrote.
 """
 
 from __future__ import annotations
@@ -74,10 +76,11 @@ def swap_kv(pool: HostKvPool, k_blocks: jax.Array, v_blocks: jax.Array, batch: P
 
 
 def start_cpu_attention(pool: HostKvPool, mesh: Mesh | None, q: jax.Array, k: jax.Array, v: jax.Array,
-                        layer_index: int, rows: CpuDecodes) -> PendingAttention:
-    """Appends the rows' new K/V to the host pool and starts their attention (each shard on its heads)."""
+                        layer_index: int, rows: CpuDecodes, swapped: jax.Array) -> PendingAttention:
+    """Appends the rows' new K/V to the host pool and starts their attention (each shard on its heads), after
+    the step's swaps (their int32[tp] tokens `swapped`) have written the host pool."""
     return sharded_cpu_attention_start(pool, mesh, q, k.astype(pool.dtype), v.astype(pool.dtype), layer_index,
-                                       rows.slot_mapping, rows.block_tables, rows.context_lens)
+                                       rows.slot_mapping, rows.block_tables, rows.context_lens, dep=swapped)
 
 
 def wait_cpu_attention(pending: PendingAttention, dependency: Dependency, mesh: Mesh | None) -> jax.Array:
@@ -132,8 +135,6 @@ def pipeline_step(params: llama.Params, kv_cache: KVCache, batch: PipelineBatch,
                             in_specs=(KV_BLOCKS_SPEC, KV_BLOCKS_SPEC, P(), P(None, TP_AXIS)),
                             out_specs=(KV_BLOCKS_SPEC, KV_BLOCKS_SPEC, SHARD_SPEC))
     k_blocks, v_blocks, swapped = swap(k_blocks, v_blocks, batch, pool_layers)
-    _, k_blocks, v_blocks, hidden0, hidden1 = jax.lax.optimization_barrier(
-        (swapped, k_blocks, v_blocks, hidden0, hidden1))
     gpu_attention = shard_over_heads(
         lambda *args: batch0_gpu_attention(pool, *args), mesh,
         in_specs=(HEADS_SPEC, HEADS_SPEC, HEADS_SPEC, KV_BLOCKS_SPEC, KV_BLOCKS_SPEC, P(), SHARD_SPEC, P()),
@@ -141,7 +142,7 @@ def pipeline_step(params: llama.Params, kv_cache: KVCache, batch: PipelineBatch,
 
     def start_batch1(hidden1: jax.Array, layer_index: int) -> PendingAttention:
         q, k, v = llama.pre_attention(params["layers"][layer_index], config, hidden1, batch1.positions)
-        return start_cpu_attention(pool, mesh, q, k, v, layer_index, batch1)
+        return start_cpu_attention(pool, mesh, q, k, v, layer_index, batch1, swapped)
 
     pending1 = start_batch1(hidden1, 0) if has_batch1 else None
     for layer_index, layer_params in enumerate(params["layers"]):
@@ -156,7 +157,7 @@ def pipeline_step(params: llama.Params, kv_cache: KVCache, batch: PipelineBatch,
         gpu_done: Dependency = (q, HEADS_SPEC)
         if has_share:
             pending0 = start_cpu_attention(pool, mesh, q[num_gpu_rows:], k[num_gpu_rows:], v[num_gpu_rows:],
-                                           layer_index, share)
+                                           layer_index, share, swapped)
             started, q, k, v = jax.lax.optimization_barrier((pending0.token, q, k, v))
             gpu_done = (started, SHARD_SPEC)
         attn0 = jnp.zeros((0, *q.shape[1:]), q.dtype)

@@ -71,21 +71,24 @@ def _check_pool(pool: HostKvPool, mesh: Mesh | None, num_kv_heads: int, op: str)
 
 
 def sharded_cpu_attention_start(pool: HostKvPool, mesh: Mesh | None, q: jax.Array, k_new: jax.Array, v_new: jax.Array,
-                                layer, slot_mapping, block_tables, context_lens) -> PendingAttention:
+                                layer, slot_mapping, block_tables, context_lens,
+                                dep: jax.Array | None = None) -> PendingAttention:
     """cpu_attention_start on every shard for its heads: q [n, Hq, Dh], k_new / v_new [n, Hkv, Dh] (split over
-    heads), `layer` the model layer. The result's token is int32[tp]; pass it only to
-    sharded_cpu_attention_wait."""
+    heads), `layer` the model layer; `dep` (e.g. a sharded store's int32[tp] tokens) must be computed before.
+    The result's token is int32[tp]; pass it only to sharded_cpu_attention_wait."""
     _check_pool(pool, mesh, k_new.shape[1], "sharded_cpu_attention_start")
     pool_layers = shard_pool_layers(layer, mesh)
 
-    def start(q, k_new, v_new, pool_layer, slot_mapping, block_tables, context_lens):
+    dep = jnp.zeros((num_shards(mesh),), jnp.int32) if dep is None else dep
+
+    def start(q, k_new, v_new, pool_layer, slot_mapping, block_tables, context_lens, dep):
         pending = cpu_attention_start(pool, q, k_new, v_new, pool_layer[0], slot_mapping, block_tables,
-                                      context_lens)
+                                      context_lens, dep[0])
         return pending.token[None]
 
-    tokens = shard_over_heads(start, mesh, in_specs=(HEADS_SPEC, HEADS_SPEC, HEADS_SPEC, SHARD_SPEC, P(), P(), P()),
-                              out_specs=SHARD_SPEC)(q, k_new, v_new, pool_layers, slot_mapping, block_tables,
-                                                    context_lens)
+    in_specs = (HEADS_SPEC, HEADS_SPEC, HEADS_SPEC, SHARD_SPEC, P(), P(), P(), SHARD_SPEC)
+    tokens = shard_over_heads(start, mesh, in_specs=in_specs, out_specs=SHARD_SPEC)(
+        q, k_new, v_new, pool_layers, slot_mapping, block_tables, context_lens, dep)
     return PendingAttention(tokens, q.shape, q.dtype, pool.pool_id)
 
 

@@ -1,6 +1,6 @@
 // The handoff custom calls, each registered under one name for platform "cpu" (computes in place,
 // synchronously) and "CUDA" (hands off to the CPU on a side stream, see handoff_cuda.h):
-//   neo_cpu_attention_start(q, k_new, v_new, layer, slot_mapping, block_tables, context_lens) -> token
+//   neo_cpu_attention_start(q, k_new, v_new, layer, slot_mapping, block_tables, context_lens, dep) -> token
 //   neo_cpu_attention_wait(token, dep, <the seven start operands, kept alive>) -> out
 //   neo_host_kv_store(k_rows, v_rows, layer, slot_mapping) -> token
 //   neo_host_kv_load(layer, slot_mapping, dep) -> (k_rows, v_rows)
@@ -26,6 +26,7 @@ inline auto bind_attention_start() {
       .Arg<ffi::AnyBuffer>()  // slot_mapping
       .Arg<ffi::AnyBuffer>()  // block_tables
       .Arg<ffi::AnyBuffer>()  // context_lens
+      .Arg<ffi::AnyBuffer>()  // dep: unread; the call follows the op that makes it (XLA keeps no other order)
       .Ret<ffi::AnyBuffer>()  // token
       .Attr<int64_t>("pool_id");
 }

@@ -33,7 +33,7 @@ uint32_t next_call_number() {
 
 ffi::Error attention_start(ffi::AnyBuffer q, ffi::AnyBuffer k_new, ffi::AnyBuffer v_new,
                            ffi::AnyBuffer layer, ffi::AnyBuffer slot_mapping,
-                           ffi::AnyBuffer block_tables, ffi::AnyBuffer context_lens,
+                           ffi::AnyBuffer block_tables, ffi::AnyBuffer context_lens, ffi::AnyBuffer,
                            ffi::Result<ffi::AnyBuffer> token, int64_t pool_id) {
   std::string error;
   std::shared_ptr<HostKvPool> pool = pool_for_call("cpu_attention_start", pool_id, &error);

@@ -39,7 +39,7 @@ void throw_if(const std::string& error) {
 
 ffi::Error attention_start(ffi::AnyBuffer q, ffi::AnyBuffer k_new, ffi::AnyBuffer v_new,
                            ffi::AnyBuffer layer, ffi::AnyBuffer slot_mapping,
-                           ffi::AnyBuffer block_tables, ffi::AnyBuffer context_lens,
+                           ffi::AnyBuffer block_tables, ffi::AnyBuffer context_lens, ffi::AnyBuffer,
                            ffi::Result<ffi::AnyBuffer> token, int64_t pool_id, CUstream stream) {
   return guarded("cpu_attention_start", [&] {
     std::shared_ptr<HostKvPool> pool = pool_or_throw("cpu_attention_start", pool_id);

@@ -155,7 +155,7 @@ def test_handlers_check_shapes_themselves():
     args["k_new"] = jnp.zeros((2, NUM_KV_HEADS + 1, HEAD_DIM), jnp.float32)
     call = jax.ffi.ffi_call("neo_cpu_attention_start", jax.ShapeDtypeStruct((), jnp.int32),
                             has_side_effect=True)
-    operands = [jnp.asarray(value) for value in args.values()]
+    operands = [jnp.asarray(value) for value in args.values()] + [jnp.zeros((), jnp.int32)]  # + dep
     with pytest.raises(Exception, match=r"k_new must be float32 \[num_reqs, 2, 64\], got float32 \[2, 3, 64\]"):
         jax.block_until_ready(call(*operands, pool_id=np.int64(pool.pool_id)))
 

@@ -8,6 +8,8 @@ after it, and batch-0's CPU share must be started before batch-1's projections a
 
 The entry computation of XLA's scheduled module lists its instructions in execution order, so the test reads
 the custom calls' positions there and counts the matmuls (instructions reading a weight matrix) between them.
+Order that correctness needs (a start after the stores of a swap-out whose request it reads) must come from
+operands, which the second test follows through the entry computation.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from neo_jax.config import EngineConfig
 from neo_jax.engine import load_model
 from neo_jax.kv_cache import allocate_host_kv_pool
 from neo_jax.model_runner import ModelRunner, jitted_pipeline_step
-from neo_jax.pipeline_batch import PipelineSchedule, pack_pipeline_step
+from neo_jax.models.config import PRESETS
+from neo_jax.pipeline_batch import KvMove, PipelineSchedule, pack_pipeline_step
 from neo_jax.sampler import pack_sampling
 from neo_jax.sampling_params import SamplingParams
 from neo_jax.sequence import Request
@@ -46,9 +49,9 @@ def decodes(pool: BlockPool, first_id: int, count: int, vocab_size: int) -> list
     return chunks
 
 
-@pytest.fixture(scope="module")
-def entry_schedule() -> tuple[list[str], int]:
-    """The instructions of the compiled step's entry computation, in schedule order, and the layer count."""
+def compile_pipeline_step(swap_out: bool) -> str:
+    """The compiled HLO of a step with GPU decodes, a CPU share and batch-1 (with `swap_out`, batch-1's first
+    request also arrives from the GPU pool this step: its KV is copied to the host pool before the layers)."""
     model_config, params = load_model("tiny", "float32", seed=0)
     config = EngineConfig("tiny", dtype="float32", policy="cpu-all", block_size=BLOCK_SIZE, max_model_len=32,
                           max_num_seqs=8)
@@ -56,18 +59,32 @@ def entry_schedule() -> tuple[list[str], int]:
     host_pool = allocate_host_kv_pool(model_config, num_blocks, BLOCK_SIZE)
     runner = ModelRunner(model_config, params, config, num_blocks, 32, host_pool)
     vocab = model_config.vocab_size
-    host_blocks = BlockPool("cpu", num_blocks, BLOCK_SIZE)
-    schedule = PipelineSchedule(decodes(BlockPool("gpu", num_blocks, BLOCK_SIZE), 0, GPU_ROWS, vocab),
+    gpu_blocks, host_blocks = BlockPool("gpu", num_blocks, BLOCK_SIZE), BlockPool("cpu", num_blocks, BLOCK_SIZE)
+    batch1 = decodes(host_blocks, 20, BATCH1_ROWS, vocab)
+    moves = []
+    if swap_out:
+        gpu_copy = decodes(gpu_blocks, 30, 1, vocab)[0].request
+        moves.append(KvMove(batch1[0].request, source_table=gpu_copy.block_table,
+                            target_table=batch1[0].request.block_table, num_tokens=CONTEXT - 1))
+    schedule = PipelineSchedule(decodes(gpu_blocks, 0, GPU_ROWS, vocab),
                                 batch0_cpu_chunks=decodes(host_blocks, 10, SHARE_ROWS, vocab),
-                                batch1_cpu_chunks=decodes(host_blocks, 20, BATCH1_ROWS, vocab))
+                                batch1_cpu_chunks=batch1, swap_out=moves)
     batch, rows = pack_pipeline_step(schedule, BLOCK_SIZE, runner.buckets)
     sampling = pack_sampling(rows, model_config.eos_token_ids)
-    compiled = jitted_pipeline_step.lower(params, runner.kv_cache, batch, sampling, model_config,
-                                          host_pool).compile()
-    text = compiled.as_text()
-    entry = text[text.index("\nENTRY "):]
-    entry = entry[:entry.index("\n}")]
-    return entry.splitlines()[1:], model_config.num_layers
+    return jitted_pipeline_step.lower(params, runner.kv_cache, batch, sampling, model_config,
+                                      host_pool).compile().as_text()
+
+
+def entry_lines(hlo: str) -> list[str]:
+    """The instructions of the module's entry computation, in schedule order."""
+    entry = hlo[hlo.index("\nENTRY "):]
+    return entry[:entry.index("\n}")].splitlines()[1:]
+
+
+@pytest.fixture(scope="module")
+def entry_schedule() -> tuple[list[str], int]:
+    """The instructions of the compiled step's entry computation, in schedule order, and the layer count."""
+    return entry_lines(compile_pipeline_step(swap_out=False)), PRESETS["tiny"].num_layers
 
 
 def weight_names(lines: list[str]) -> set[str]:
@@ -124,3 +141,37 @@ def test_host_calls_and_gpu_work_follow_the_pipeline_order(entry_schedule):
         else:
             share_wait = call_positions[base + 2]
             assert between(batch1_wait, share_wait).count("matmul") >= 4
+
+
+def operands_by_instruction(lines: list[str]) -> dict[str, list[str]]:
+    return {match.group(1): re.findall(r"%[\w.\-]+", match.group(2))
+            for match in (re.match(r"\s*(?:ROOT )?(%[\w.\-]+) = (.*)", line) for line in lines) if match}
+
+
+def computation_text(hlo: str, name: str) -> str:
+    start = hlo.index(f"\n{name} ")
+    return hlo[start:hlo.index("\n}", start)]
+
+
+def test_cpu_attention_starts_after_the_swap_out_stores():
+    """A request swapped out this step attends on the CPU in the same step: every start must read the swap's
+    token, since XLA orders custom calls by their operands alone (an optimization_barrier did not)."""
+    hlo = compile_pipeline_step(swap_out=True)
+    lines = entry_lines(hlo)
+    operands = operands_by_instruction(lines)
+    store_computations = {name for name in re.findall(r"\n(%[\w.\-]+) [^\n]*\{\n", hlo)
+                          if 'custom_call_target="neo_host_kv_store"' in computation_text(hlo, name)}
+    swap_loops = {name for name, ops in operands.items() if any(op in store_computations for op in ops)}
+    assert swap_loops, "the swap-out's stores are not in the entry computation's loops"
+    starts = [re.match(r"\s*(%[\w.\-]+) =", line).group(1) for line in lines
+              if 'custom_call_target="neo_cpu_attention_start"' in line]
+    assert len(starts) == 2 * PRESETS["tiny"].num_layers
+
+    def reaches(name: str, seen: set[str]) -> bool:
+        if name in swap_loops:
+            return True
+        seen.add(name)
+        return any(reaches(op, seen) for op in operands.get(name, []) if op not in seen)
+
+    assert all(reaches(start, set()) for start in starts)
+

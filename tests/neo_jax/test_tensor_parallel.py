@@ -114,15 +114,15 @@ def host_attention_matches(tensor_parallel_size: int) -> dict:
     def sharded(q, k_new, v_new, k_context, v_context):
         stored = sharded_host_kv_store(sharded_pool, mesh, k_context, v_context, layer, context_slots)
         k_loaded, v_loaded = sharded_host_kv_load(sharded_pool, mesh, layer, context_slots, stored)
-        q = q + 0 * k_loaded[:1, :1, :1].sum()  # the attention starts after the load
-        pending = sharded_cpu_attention_start(sharded_pool, mesh, q, k_new, v_new, layer, new_slots, tables, lens)
+        pending = sharded_cpu_attention_start(sharded_pool, mesh, q, k_new, v_new, layer, new_slots, tables, lens,
+                                              dep=stored)
         pending, x = jax.lax.optimization_barrier((pending, k_context))
         return sharded_cpu_attention_wait(pending, jnp.tanh(x), mesh, dep_spec=HEADS_SPEC), k_loaded, v_loaded
 
     @jax.jit
     def plain(q, k_new, v_new, k_context, v_context):
         stored = host_kv_store(plain_pool, k_context, v_context, layer, context_slots)
-        pending = cpu_attention_start(plain_pool, q + 0 * stored, k_new, v_new, layer, new_slots, tables, lens)
+        pending = cpu_attention_start(plain_pool, q, k_new, v_new, layer, new_slots, tables, lens, dep=stored)
         return cpu_attention_wait(pending, k_context)
 
     inputs = [jax.device_put(x, heads) for x in (q, k_new, v_new, k_context, v_context)]
