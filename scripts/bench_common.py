@@ -20,6 +20,7 @@ from neo_jax.config import EngineConfig
 from neo_jax.cost_model import DTYPE_BYTES, MachineId
 from neo_jax.cpu_ops import cpu_isa, num_threads, read_bandwidth_probe
 from neo_jax.engine import LLMEngine
+from neo_jax.model_runner import num_step_compilations
 from neo_jax.sequence import Request
 
 
@@ -89,13 +90,14 @@ def host_read_gb_per_s(probe_mb: int) -> float:
 
 
 class StepMeter:
-    """Steps an engine, keeping the wall time of each `engine.step()` and the scheduler's counters from the
-    moment the meter was made."""
+    """Steps an engine, keeping the wall time of each `engine.step()`, and the scheduler's counters and the
+    step programs compiled from the moment the meter was made."""
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self.step_times: list[float] = []
         self._start = dataclasses.asdict(engine.scheduler.stats)
+        self._start_compilations = num_step_compilations()
 
     def step(self) -> list[Request]:
         start = time.perf_counter()
@@ -109,14 +111,15 @@ class StepMeter:
 
     def bound(self, host_gb_per_s: float) -> dict[str, Any]:
         """The run's counters and its bandwidth bound on the gain over GPU-only (benchmark_metrics), with the
-        median and longest step (a longest step far above the median is an XLA compile inside the run)."""
+        median and longest step and the step programs compiled meanwhile (each an XLA compile inside the run)."""
         counters, config = self.counters(), self.engine.model_config
         per_token = kv_bytes_per_token(config.num_layers, config.num_kv_heads, config.head_dim,
                                        DTYPE_BYTES[config.dtype])
         bound = bandwidth_bound(host_gb_per_s * 1e9, sum(self.step_times), counters["num_steps"],
                                 counters["gpu_kv_tokens_read"], counters["cpu_kv_tokens_read"], per_token)
         return {"counters": counters, **bound, "median_step_ms": 1000.0 * float(np.median(self.step_times)),
-                "max_step_ms": 1000.0 * max(self.step_times)}
+                "max_step_ms": 1000.0 * max(self.step_times),
+                "step_compilations": num_step_compilations() - self._start_compilations}
 
 
 def pool_sizes(engine: LLMEngine) -> dict[str, int]:

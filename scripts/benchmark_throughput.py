@@ -3,8 +3,9 @@
     python scripts/benchmark_throughput.py --model llama-3-8b --dtype bfloat16 --num-prompts 1000 \
         --input-len 1000 --output-len 300 --policy neo --gpu-kv-cache-gb 1.5 --output-json out.json
 
-A warm-up pass over the same workload with few output tokens compiles the step's shapes first, so the
-timed pass measures serving, not XLA compilation.
+A warm-up pass replays the same workload untimed first: greedy requests that ignore EOS step through the very
+same shapes again, so the timed pass measures serving, not XLA compilation (the JSON's `step_compilations`
+counts the programs compiled during the timed pass). `--warmup-output-len N` cuts the warm-up's outputs short.
 """
 
 from __future__ import annotations
@@ -40,13 +41,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_arguments(parser)
     add_workload_arguments(parser)
-    parser.add_argument("--warmup-output-len", type=int, default=4)
+    parser.add_argument("--warmup-output-len", type=int, default=None,
+                        help="output tokens per warm-up request (default: the workload's own)")
     args = parser.parse_args(argv)
 
     engine = engine_from_args(args)
     workload = Workload.from_args(args, engine.model_config.vocab_size)
     prompts, input_lens, output_lens = workload.prompts, workload.input_lens, workload.output_lens
-    run_requests(engine, prompts, [min(n, args.warmup_output_len) for n in output_lens], "warm-up")
+    warmup_lens = output_lens if args.warmup_output_len is None else [min(n, args.warmup_output_len)
+                                                                       for n in output_lens]
+    run_requests(engine, prompts, warmup_lens, "warm-up")
     elapsed, meter = run_requests(engine, prompts, output_lens, args.policy)
     bound = meter.bound(host_read_gb_per_s(args.bandwidth_probe_mb))
 
