@@ -5,7 +5,10 @@
 #   d  llama-3-8b, GPU KV from default memory (plenty: NEO must not lose)
 #   b  llama-3-8b, GPU KV pool 5 GiB (a 24 GB A10G next to an 8B model)
 #   c  llama-34b, default memory (67 GB of weights leave the H100 itself short of KV)
-# Per scenario: offline throughput for each policy, then a short latency-load sweep for each policy.
+# Per scenario: offline throughput for each policy, then a short latency-load sweep for each policy; POLICIES
+# (default "gpu-only neo cpu-all") and BENCHMARKS (default "throughput serving") choose a part. Each step shape
+# compiles in ~10 s on the GPU (a run needs ~20 of them): the XLA cache lets later steps and calls on a warm
+# machine reuse the programs.
 # Every step runs under `timeout`, bounded by what is left of BUDGET_S (default 570 s, for a 10-minute call);
 # a step that no longer fits is skipped and logged. Results go to benchmarks/results/ (JSON, as they come) and
 # benchmarks/cost_tables/ (profiled tables, reused when present) in the tree; after every step the files this
@@ -18,11 +21,13 @@ cd "$(dirname "$0")/../.."
 SCENARIOS=("${@:-a d b c}")
 read -r -a SCENARIOS <<< "${SCENARIOS[*]}"
 OUT=${OUT:-/tmp/benchmarks_out}
+POLICIES=${POLICIES:-gpu-only neo cpu-all}
+BENCHMARKS=${BENCHMARKS:-throughput serving}
 RESULTS=benchmarks/results
 COST_TABLES=benchmarks/cost_tables
 export NEO_JAX_COST_TABLES=$PWD/$COST_TABLES
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=16 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
-export JAX_COMPILATION_CACHE_DIR=/tmp/neo_jax_xla_cache
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/neo_jax_xla_cache}  # reused by later calls on a warm machine
 mkdir -p "$OUT/benchmarks" "$RESULTS" "$COST_TABLES"
 START=$(date +%s)
 DEADLINE=$(( START + ${BUDGET_S:-570} ))
@@ -71,17 +76,17 @@ run() {
   # shellcheck disable=SC2206  # word splitting of the engine options and rates is intended
   local engine_args=($engine) rate_args=($rates)
   profile "$model"
-  for policy in gpu-only neo cpu-all; do
+  [[ $BENCHMARKS == *throughput* ]] && for policy in $POLICIES; do
     local n=$prompts offload=()
     [[ $policy == cpu-all ]] && n=$cpu_all_prompts
     [[ $policy != gpu-only ]] && offload=(--cpu-kv-cache-gb 16)
-    step 150 "($id) throughput $policy" python3 scripts/benchmark_throughput.py "${common[@]}" "${engine_args[@]}" \
+    step 300 "($id) throughput $policy" python3 scripts/benchmark_throughput.py "${common[@]}" "${engine_args[@]}" \
       "${offload[@]}" --policy "$policy" --num-prompts "$n" --output-json "$RESULTS/${id}_${policy}_throughput.json"
   done
-  for policy in gpu-only neo cpu-all; do
+  [[ $BENCHMARKS == *serving* ]] && for policy in $POLICIES; do
     local offload=()
     [[ $policy != gpu-only ]] && offload=(--cpu-kv-cache-gb 16)
-    step 180 "($id) serving $policy" python3 scripts/benchmark_serving.py "${common[@]}" "${engine_args[@]}" \
+    step 300 "($id) serving $policy" python3 scripts/benchmark_serving.py "${common[@]}" "${engine_args[@]}" \
       "${offload[@]}" --policy "$policy" --num-prompts "$serving_prompts" --request-rate "${rate_args[@]}" \
       --output-json "$RESULTS/${id}_${policy}_serving.json"
   done

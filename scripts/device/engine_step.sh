@@ -3,12 +3,13 @@
 # kernel tests, kernel timings), then the engine step for llama-3-8b (bf16, random weights) with
 # scripts/benchmark_step.py: the greedy-token check on the tiny preset, decode batches 256/1/16/64 at context
 # 1024 (the batch-256 step also traced: device time per kernel), a 2048-token prefill.
-# Writes engine_step_h100.json and engine_step_log.txt into $OUT, besides gpu_attention.sh's files.
+# Writes engine_step.json and engine_step_log.txt into $OUT, besides gpu_attention.sh's files.
 # STEP_TIMEOUT: seconds for the step benchmark (0 skips it; default 240, or what is left of DEADLINE_S seconds
 # from this script's start); STEP_ARGS: more arguments for it; the variables of gpu_attention.sh pass through,
 # and this script's arguments go to bench_gpu_attention.py.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/neo_jax_xla_cache}  # reused by later calls on a warm machine
 export OUT=${OUT:-/tmp/gpu_figures}
 mkdir -p "$OUT"
 bash scripts/device/gpu_attention.sh "$@"
@@ -28,7 +29,7 @@ if [ -n "${DEADLINE_S:-}" ]; then STEP_TIMEOUT=${STEP_TIMEOUT:-$(( DEADLINE_S > 
 if [ "${STEP_TIMEOUT:-240}" != 0 ]; then
   {
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 PYTHONUNBUFFERED=1 timeout "${STEP_TIMEOUT:-240}" \
-      python3 scripts/benchmark_step.py --check --profile-batch 256 --output-json "$OUT/engine_step_h100.json" \
+      python3 scripts/benchmark_step.py --check --profile-batch 256 --output-json "$OUT/engine_step.json" \
       ${STEP_ARGS:-}
     echo "step benchmark exit code $?"
   } 2>&1 | tee -a "$OUT/engine_step_log.txt"

@@ -2,10 +2,11 @@
 # On the GPU machine: the issue-5 figures. Builds the package (skipped with NEO_SKIP_BUILD=1), runs the pipeline
 # equality tests (tests/neo_jax/test_pipeline.py) with JAX on the GPU, so the pipelined step goes through the CUDA
 # start/wait path, then scripts/benchmark_pipeline.py on llama-3-8b (handoff per layer, overlap). Writes
-# pipeline_log.txt and pipeline_h100.json into $OUT. TEST_TIMEOUT / BENCH_TIMEOUT: seconds per stage (0 skips);
+# pipeline_log.txt and pipeline.json into $OUT. TEST_TIMEOUT / BENCH_TIMEOUT: seconds per stage (0 skips);
 # BENCH_ARGS: more arguments for the benchmark. EXTRA: a command run after the build (an experiment).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/neo_jax_xla_cache}  # reused by later calls on a warm machine
 OUT=${OUT:-/tmp/pipeline_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=16 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
@@ -24,7 +25,7 @@ export CMAKE_ARGS=${CMAKE_ARGS:--DCMAKE_CUDA_ARCHITECTURES=90-real}
     echo "pipeline tests exit code $?"
   fi
   if [ "${BENCH_TIMEOUT:-200}" != 0 ]; then
-    timeout "${BENCH_TIMEOUT:-200}" python3 scripts/benchmark_pipeline.py --output-json "$OUT/pipeline_h100.json" \
+    timeout "${BENCH_TIMEOUT:-200}" python3 scripts/benchmark_pipeline.py --output-json "$OUT/pipeline.json" \
       ${BENCH_ARGS:-}
     echo "pipeline benchmark exit code $?"
   fi

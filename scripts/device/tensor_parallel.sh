@@ -8,6 +8,7 @@
 # the work. The neo run schedules with the table that the profile step measures over the TP devices.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/neo_jax_xla_cache}  # reused by later calls on a warm machine
 OUT=${OUT:-/tmp/tensor_parallel_out}
 TP=${TP:-2}
 mkdir -p "$OUT"
@@ -46,7 +47,7 @@ PY
   for policy in ${POLICIES:-gpu-only neo}; do
     offload=()
     [[ $policy != gpu-only ]] && offload=(--cpu-kv-cache-gb "${CPU_KV_GB:-32}")
-    timeout "${BENCH_TIMEOUT:-200}" python3 scripts/benchmark_throughput.py "${WORKLOAD[@]}" "${offload[@]}" \
+    timeout "${BENCH_TIMEOUT:-270}" python3 scripts/benchmark_throughput.py "${WORKLOAD[@]}" "${offload[@]}" \
       --policy "$policy" --output-json "$OUT/tp${TP}_${policy}.json"
     echo "$policy exit code $?"
   done
