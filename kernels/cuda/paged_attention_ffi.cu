@@ -113,6 +113,8 @@ ffi::Error paged_decode_attention(cudaStream_t stream, ffi::AnyBuffer q, ffi::An
 }  // namespace
 }  // namespace neo_kernels
 
+// The handler only launches kernels on XLA's stream, so XLA may record it into a command buffer (CUDA graph)
+// with the step's other kernels instead of launching them one by one.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(kPagedDecodeAttention, neo_kernels::paged_decode_attention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
@@ -126,4 +128,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(kPagedDecodeAttention, neo_kernels::paged_decode_a
                                   .Ret<ffi::Buffer<ffi::F32>>()  // partial_lse, split-K workspace
                                   .Attr<float>("scale")
                                   .Attr<int32_t>("partition_blocks")
-                                  .Attr<int32_t>("group_tile"));
+                                  .Attr<int32_t>("group_tile"),
+                              {ffi::Traits::kCmdBufferCompatible});
