@@ -16,8 +16,9 @@ while XLA's stream runs the GPU work placed between a start and its wait. Per la
 so the CPU's batch-1 attention hides under batch-0's linear layers and GPU attention, and batch-0's share
 under batch-1's linear layers. Batch-1's QKV runs one layer ahead (its layer-0 QKV before the loop). The layers
 are a Python loop (see models/llama.py), so every layer index is static. The order is forced by data: each wait
-takes the GPU result it must follow as `dep`, and `optimization_barrier` ties the tokens of started calls to the
-inputs of the GPU work that must come after them.
+takes the GPU result it must follow as `dep`, and the GPU work that must follow a start reads its token
+(`computed_after`). XLA orders instructions by their operands alone: an `optimization_barrier` did not keep a
+start ahead of the GPU work (the scheduler was free to delay it, and with it the overlap).
 
 Under tensor parallelism (a `mesh`) every host call and GPU attention runs per shard on its heads through
 `neo_jax.sharded_host_attention`; without one the same code runs on one device.
@@ -42,8 +43,8 @@ from neo_jax.models import llama
 from neo_jax.models.config import ModelConfig
 from neo_jax.pipeline_batch import NO_HOST_SLOT, CpuDecodes, PipelineBatch
 from neo_jax.sampler import SamplingBatch, sample
-from neo_jax.sharded_host_attention import (SHARD_SPEC, shard_pool_layers, sharded_cpu_attention_start,
-                                            sharded_cpu_attention_wait)
+from neo_jax.sharded_host_attention import (SHARD_SPEC, computed_after, shard_pool_layers,
+                                            sharded_cpu_attention_start, sharded_cpu_attention_wait)
 from neo_jax.sharding import HEADS_SPEC, KV_BLOCKS_SPEC, TP_AXIS, shard_over_heads
 
 # What must be computed before a wait, with its layout over the tensor-parallel mesh.
@@ -158,8 +159,8 @@ def pipeline_step(params: llama.Params, kv_cache: KVCache, batch: PipelineBatch,
         if has_share:
             pending0 = start_cpu_attention(pool, mesh, q[num_gpu_rows:], k[num_gpu_rows:], v[num_gpu_rows:],
                                            layer_index, share, swapped)
-            started, q, k, v = jax.lax.optimization_barrier((pending0.token, q, k, v))
-            gpu_done = (started, SHARD_SPEC)
+            q, k, v = computed_after(pending0.token, mesh, q, k, v)
+            gpu_done = (pending0.token, SHARD_SPEC)
         attn0 = jnp.zeros((0, *q.shape[1:]), q.dtype)
         if num_gpu_rows:
             k_blocks, v_blocks, attn0 = gpu_attention(q[:num_gpu_rows], k[:num_gpu_rows], v[:num_gpu_rows],

@@ -14,9 +14,12 @@ Every function also takes `mesh=None` (one device): the pool is then the plain [
 are int32[1] and the calls are the plain ones, so a step written against this module runs sharded or not.
 
     pending = sharded_cpu_attention_start(pool, mesh, q, k_new, v_new, layer, slots, tables, lens)
-    pending, x0 = jax.lax.optimization_barrier((pending, x0))
-    y0 = gpu_layer(x0)
+    (q0,) = computed_after(pending.token, mesh, q0)   # the GPU work starts after the call is handed off
+    y0 = gpu_layer(q0)
     out = sharded_cpu_attention_wait(pending, y0, mesh, dep_spec=P())   # [n, Hq, Dh], split over heads
+
+XLA orders instructions by their operands alone, so every order between a call and other work is a data
+dependency: an `optimization_barrier` was seen not to keep a start ahead of the work it should precede.
 """
 
 from __future__ import annotations
@@ -129,3 +132,14 @@ def sharded_host_kv_load(pool: HostKvPool, mesh: Mesh | None, layer, slot_mappin
 
     return shard_over_heads(load, mesh, in_specs=(SHARD_SPEC, P(), SHARD_SPEC), out_specs=(HEADS_SPEC, HEADS_SPEC))(
         shard_pool_layers(layer, mesh), slot_mapping, dep)
+
+
+def computed_after(tokens: jax.Array, mesh: Mesh | None, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """`arrays` [T, H, Dh] (split over heads) as they are, but computed only after the host calls that returned
+    `tokens` (int32[tp]): each shard adds 0 x its token, which XLA cannot fold for floats (0 x inf is NaN)."""
+    def add_zero(tokens: jax.Array, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+        zero = tokens[0].astype(jnp.float32) * 0.0
+        return tuple(array + zero.astype(array.dtype) for array in arrays)
+
+    return shard_over_heads(add_zero, mesh, in_specs=(SHARD_SPEC, *[HEADS_SPEC] * len(arrays)),
+                            out_specs=tuple(HEADS_SPEC for _ in arrays))(tokens, *arrays)

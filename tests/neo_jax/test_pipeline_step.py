@@ -8,8 +8,9 @@ after it, and batch-0's CPU share must be started before batch-1's projections a
 
 The entry computation of XLA's scheduled module lists its instructions in execution order, so the test reads
 the custom calls' positions there and counts the matmuls (instructions reading a weight matrix) between them.
-Order that correctness needs (a start after the stores of a swap-out whose request it reads) must come from
-operands, which the second test follows through the entry computation.
+Since XLA orders instructions by their operands alone, the order must also be data: the other tests follow the
+entry computation's operands from each GPU attention back to its layer's share start, and from each start back
+to the stores of a swap-out whose request it reads.
 """
 
 from __future__ import annotations
@@ -153,6 +154,41 @@ def computation_text(hlo: str, name: str) -> str:
     return hlo[start:hlo.index("\n}", start)]
 
 
+def instruction_name(line: str) -> str:
+    return re.match(r"\s*(?:ROOT )?(%[\w.\-]+) =", line).group(1)
+
+
+def reaches(operands: dict[str, list[str]], name: str, targets: set[str]) -> bool:
+    """Whether instruction `name` depends on one of `targets` through its operands."""
+    seen, stack = set(), [name]
+    while stack:
+        current = stack.pop()
+        if current in targets:
+            return True
+        seen.add(current)
+        stack.extend(op for op in operands.get(current, []) if op not in seen)
+    return False
+
+
+def test_gpu_attention_reads_the_token_of_its_layers_share_start(entry_schedule):
+    """Data, not only schedule order: batch-0's GPU attention of layer l depends on the start of layer l's CPU
+    share, so no XLA scheduler can hand the share to the CPU after the GPU work it should overlap."""
+    lines, num_layers = entry_schedule
+    operands = operands_by_instruction(lines)
+    constants = {instruction_name(line): int(match.group(1)) for line in lines
+                 if (match := re.search(r"= s32\[\] constant\((\d+)\)", line))}
+    share_starts = {}
+    for line in lines:
+        if 'custom_call_target="neo_cpu_attention_start"' in line and f"constraints={{f32[{SHARE_ROWS}," in line:
+            name = instruction_name(line)
+            share_starts[constants[operands[name][3]]] = name  # operand 3: the layer
+    attentions = [instruction_name(line) for line in lines
+                  if 'custom_call_target="neo_paged_decode_attention"' in line]
+    assert sorted(share_starts) == list(range(num_layers)) and len(attentions) == num_layers
+    for layer, attention in enumerate(attentions):  # each layer's attention reads the previous one's output
+        assert reaches(operands, attention, {share_starts[layer]}), layer
+
+
 def test_cpu_attention_starts_after_the_swap_out_stores():
     """A request swapped out this step attends on the CPU in the same step: every start must read the swap's
     token, since XLA orders custom calls by their operands alone (an optimization_barrier did not)."""
@@ -163,15 +199,7 @@ def test_cpu_attention_starts_after_the_swap_out_stores():
                           if 'custom_call_target="neo_host_kv_store"' in computation_text(hlo, name)}
     swap_loops = {name for name, ops in operands.items() if any(op in store_computations for op in ops)}
     assert swap_loops, "the swap-out's stores are not in the entry computation's loops"
-    starts = [re.match(r"\s*(%[\w.\-]+) =", line).group(1) for line in lines
-              if 'custom_call_target="neo_cpu_attention_start"' in line]
+    starts = [instruction_name(line) for line in lines if 'custom_call_target="neo_cpu_attention_start"' in line]
     assert len(starts) == 2 * PRESETS["tiny"].num_layers
-
-    def reaches(name: str, seen: set[str]) -> bool:
-        if name in swap_loops:
-            return True
-        seen.add(name)
-        return any(reaches(op, seen) for op in operands.get(name, []) if op not in seen)
-
-    assert all(reaches(start, set()) for start in starts)
+    assert all(reaches(operands, start, swap_loops) for start in starts)
 
