@@ -10,12 +10,15 @@ platform and, when libcuda loads, for CUDA:
 - `host_kv_store` writes K/V rows (a prefill's, or blocks swapped out of the GPU cache) into the
   pool, `host_kv_load` reads rows back (swap-in).
 
-To overlap, keep XLA from sinking the start down to the wait, e.g.::
+To overlap, keep XLA from sinking the start down to the wait. XLA orders instructions by their operands
+alone (an `optimization_barrier` did not hold a start back), so make the overlapped work read the token::
 
     pending = cpu_attention_start(pool, q1, k1, v1, layer, slots1, tables1, lens1)
-    pending, x0 = jax.lax.optimization_barrier((pending, x0))
+    x0 = x0 + pending.token.astype(x0.dtype) * 0   # XLA cannot fold 0 x a float away
     y0 = gpu_layer(x0)                        # batch-0's work while the CPU runs batch-1's attention
     out1 = cpu_attention_wait(pending, y0)    # y0: computed before the wait
+
+(`neo_jax.sharded_host_attention.computed_after` does this per tensor-parallel shard.)
 
 Padding: slot -1 is skipped by appends and stores (a load gives a zero row for it); a request with
 context length 0 gets a zero output row.

@@ -146,6 +146,8 @@ def pipeline_step(params: llama.Params, kv_cache: KVCache, batch: PipelineBatch,
         return start_cpu_attention(pool, mesh, q, k, v, layer_index, batch1, swapped)
 
     pending1 = start_batch1(hidden1, 0) if has_batch1 else None
+    if has_batch1 and has_batch0:  # batch-0's layer-0 GPU work overlaps batch-1's layer-0 attention
+        (hidden0,) = computed_after(pending1.token, mesh, hidden0, spec=P())
     for layer_index, layer_params in enumerate(params["layers"]):
         block_offset = jnp.int32(layer_index * num_blocks)
         starts_next = has_batch1 and layer_index + 1 < num_layers
@@ -173,6 +175,8 @@ def pipeline_step(params: llama.Params, kv_cache: KVCache, batch: PipelineBatch,
             if starts_next:
                 pending1 = start_batch1(hidden1, layer_index + 1)
                 gpu_done = (pending1.token, SHARD_SPEC)
+                # batch-0's out-projection, MLP and next QKV overlap batch-1's next attention
+                (attn0,) = computed_after(pending1.token, mesh, attn0)
         if has_share:
             attn0 = jnp.concatenate([attn0, wait_cpu_attention(pending0, gpu_done, mesh)])
         hidden0 = llama.post_attention(layer_params, config, hidden0, attn0)

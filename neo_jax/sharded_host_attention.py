@@ -134,12 +134,14 @@ def sharded_host_kv_load(pool: HostKvPool, mesh: Mesh | None, layer, slot_mappin
         shard_pool_layers(layer, mesh), slot_mapping, dep)
 
 
-def computed_after(tokens: jax.Array, mesh: Mesh | None, *arrays: jax.Array) -> tuple[jax.Array, ...]:
-    """`arrays` [T, H, Dh] (split over heads) as they are, but computed only after the host calls that returned
-    `tokens` (int32[tp]): each shard adds 0 x its token, which XLA cannot fold for floats (0 x inf is NaN)."""
+def computed_after(tokens: jax.Array, mesh: Mesh | None, *arrays: jax.Array,
+                   spec: P = HEADS_SPEC) -> tuple[jax.Array, ...]:
+    """`arrays` (laid out as `spec` says: split over heads, or P() when replicated) as they are, but computed
+    only after the host calls that returned `tokens` (int32[tp]): each shard adds 0 x its token, which XLA
+    cannot fold for floats (0 x inf is NaN)."""
     def add_zero(tokens: jax.Array, *arrays: jax.Array) -> tuple[jax.Array, ...]:
         zero = tokens[0].astype(jnp.float32) * 0.0
         return tuple(array + zero.astype(array.dtype) for array in arrays)
 
-    return shard_over_heads(add_zero, mesh, in_specs=(SHARD_SPEC, *[HEADS_SPEC] * len(arrays)),
-                            out_specs=tuple(HEADS_SPEC for _ in arrays))(tokens, *arrays)
+    return shard_over_heads(add_zero, mesh, in_specs=(SHARD_SPEC, *[spec] * len(arrays)),
+                            out_specs=tuple(spec for _ in arrays))(tokens, *arrays)

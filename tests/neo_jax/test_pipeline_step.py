@@ -50,9 +50,10 @@ def decodes(pool: BlockPool, first_id: int, count: int, vocab_size: int) -> list
     return chunks
 
 
-def compile_pipeline_step(swap_out: bool) -> str:
-    """The compiled HLO of a step with GPU decodes, a CPU share and batch-1 (with `swap_out`, batch-1's first
-    request also arrives from the GPU pool this step: its KV is copied to the host pool before the layers)."""
+def compile_pipeline_step(swap_out: bool, share: bool = True) -> str:
+    """The compiled HLO of a step with GPU decodes, a CPU share (unless not `share`) and batch-1 (with
+    `swap_out`, batch-1's first request also arrives from the GPU pool this step: its KV is copied to the host
+    pool before the layers)."""
     model_config, params = load_model("tiny", "float32", seed=0)
     config = EngineConfig("tiny", dtype="float32", policy="cpu-all", block_size=BLOCK_SIZE, max_model_len=32,
                           max_num_seqs=8)
@@ -68,7 +69,7 @@ def compile_pipeline_step(swap_out: bool) -> str:
         moves.append(KvMove(batch1[0].request, source_table=gpu_copy.block_table,
                             target_table=batch1[0].request.block_table, num_tokens=CONTEXT - 1))
     schedule = PipelineSchedule(decodes(gpu_blocks, 0, GPU_ROWS, vocab),
-                                batch0_cpu_chunks=decodes(host_blocks, 10, SHARE_ROWS, vocab),
+                                batch0_cpu_chunks=decodes(host_blocks, 10, SHARE_ROWS, vocab) if share else [],
                                 batch1_cpu_chunks=batch1, swap_out=moves)
     batch, rows = pack_pipeline_step(schedule, BLOCK_SIZE, runner.buckets)
     sampling = pack_sampling(rows, model_config.eos_token_ids)
@@ -170,23 +171,29 @@ def reaches(operands: dict[str, list[str]], name: str, targets: set[str]) -> boo
     return False
 
 
-def test_gpu_attention_reads_the_token_of_its_layers_share_start(entry_schedule):
-    """Data, not only schedule order: batch-0's GPU attention of layer l depends on the start of layer l's CPU
-    share, so no XLA scheduler can hand the share to the CPU after the GPU work it should overlap."""
-    lines, num_layers = entry_schedule
+@pytest.mark.parametrize("share", [True, False])
+def test_gpu_attention_reads_the_tokens_of_the_starts_it_overlaps(share):
+    """Data, not only schedule order: batch-0's GPU attention of layer l depends on the starts of layer l's CPU
+    share and of batch-1's layer l, so no XLA scheduler can hand those to the CPU after the GPU work that
+    should overlap them."""
+    lines = entry_lines(compile_pipeline_step(swap_out=False, share=share))
+    num_layers = PRESETS["tiny"].num_layers
     operands = operands_by_instruction(lines)
     constants = {instruction_name(line): int(match.group(1)) for line in lines
                  if (match := re.search(r"= s32\[\] constant\((\d+)\)", line))}
-    share_starts = {}
+    starts = {}  # (rows, layer) -> instruction
     for line in lines:
-        if 'custom_call_target="neo_cpu_attention_start"' in line and f"constraints={{f32[{SHARE_ROWS}," in line:
+        if 'custom_call_target="neo_cpu_attention_start"' in line:
             name = instruction_name(line)
-            share_starts[constants[operands[name][3]]] = name  # operand 3: the layer
+            rows = int(re.search(r"constraints=\{f32\[(\d+),", line).group(1))
+            starts[rows, constants[operands[name][3]]] = name  # operand 3: the layer
     attentions = [instruction_name(line) for line in lines
                   if 'custom_call_target="neo_paged_decode_attention"' in line]
-    assert sorted(share_starts) == list(range(num_layers)) and len(attentions) == num_layers
+    assert len(attentions) == num_layers
     for layer, attention in enumerate(attentions):  # each layer's attention reads the previous one's output
-        assert reaches(operands, attention, {share_starts[layer]}), layer
+        assert reaches(operands, attention, {starts[BATCH1_ROWS, layer]}), ("batch-1", layer)
+        if share:
+            assert reaches(operands, attention, {starts[SHARE_ROWS, layer]}), ("share", layer)
 
 
 def test_cpu_attention_starts_after_the_swap_out_stores():
