@@ -26,8 +26,7 @@ Under tensor parallelism (a `mesh`) every host call and GPU attention runs per s
 Prefills whose KV goes to the host pool write it there layer by layer (`host_kv_store`) and attend on the GPU
 over context read back from the host (`host_kv_load`). Swaps between the pools run before the layers, one
 store or load per layer, so a request swapped this step already attends from its new pool: every CPU attention
-takes the swaps' token as an operand (XLA orders custom calls by their operands; an `optimization_barrier`
-was seen not to hold one back), and the GPU reads swapped-in rows through the cache they wrote.
+takes the swaps' token as an operand, and the GPU reads swapped-in rows through the cache they wrote.
 """
 
 from __future__ import annotations
