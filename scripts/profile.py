@@ -38,7 +38,7 @@ from neo_jax.cpu_ops import paged_decode_attention as cpu_paged_decode_attention
 from neo_jax.cpu_ops.handoff import HostKvPool, cpu_attention_start, cpu_attention_wait
 from neo_jax.kernels.paged_attention import paged_decode_attention
 from neo_jax.models.config import ModelConfig, get_config
-from neo_jax.models.llama import DecoderLayer, post_attention, pre_attention
+from neo_jax.models.llama import init_layer_params, post_attention, pre_attention
 from neo_jax.sharding import LAYER_SPECS, check_tensor_parallel_size, make_mesh, named_shardings
 
 NUMPY_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
@@ -65,8 +65,7 @@ def seconds_per_iteration(body: Callable[..., jax.Array], carry: jax.Array, oper
 
 def one_layer_params(config: ModelConfig, tensor_parallel_size: int = 1) -> dict:
     """One decoder layer's random params, split over `tensor_parallel_size` devices as the engine splits them."""
-    hidden, positions = jnp.zeros((1, config.hidden_size), config.dtype), jnp.zeros((1,), jnp.int32)
-    params = jax.jit(DecoderLayer(config).init)(jax.random.key(0), hidden, positions)["params"]
+    params = jax.jit(init_layer_params, static_argnums=0)(config, jax.random.key(0))
     if tensor_parallel_size == 1:
         return params
     return jax.device_put(params, named_shardings(make_mesh(tensor_parallel_size), LAYER_SPECS))
