@@ -5,14 +5,14 @@ it, how the context is padded), so a whole GPU-only run is not a bitwise oracle 
 differently. A mirror is: every step the offloading engine takes is replayed by a GPU-only runner on the very
 same chunks, with every request's KV in its own GPU cache. Batch-0's GPU rows (GPU decodes, prefills to either
 pool) must give the same logits bit for bit. CPU decodes attend through the handoff calls over the host pool
-instead of the mirror's paged-attention call, and their rows differ from the mirror's by an ulp at times (seen
-with some weights, not with others): their q/k/v rows sit at other positions of other-sized matmuls than in
-the mirror, and XLA's CPU dot does not promise the same bits then (a one-row product rounds unlike the same
-row of a larger one). Batch-1 also runs its out-projection and MLP of layer l next to its QKV of layer l+1,
-which XLA fuses and rounds differently. So the rows of CPU decodes must agree to float32 rounding (the tokens
-are identical either way). On a GPU, where XLA fuses each program its own way, every row agrees to float32
-rounding (2.7e-7 at most on the H100); matmuls run at "highest" precision there, since float32 matmuls default
-to TF32.
+instead of the mirror's paged-attention call, from q/k/v rows that sit elsewhere in other-sized batches than
+in the mirror; their rows differed from the mirror's by up to 2.4e-7 with some weights and not with others,
+for a reason not pinned down (a one-row XLA CPU product was seen to round unlike the same row of a larger one,
+but these batches have several rows). Batch-1 also runs its out-projection and MLP of layer l next to its QKV
+of layer l+1, which XLA fuses and rounds differently. So the rows of CPU decodes must agree to float32
+rounding (the tokens are identical either way). On a GPU, where XLA fuses each program its own way, every row
+agrees to float32 rounding (2.7e-7 at most on the H100); matmuls run at "highest" precision there, since
+float32 matmuls default to TF32.
 """
 
 from __future__ import annotations
