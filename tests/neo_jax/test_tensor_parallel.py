@@ -116,8 +116,8 @@ def host_attention_matches(tensor_parallel_size: int) -> dict:
         k_loaded, v_loaded = sharded_host_kv_load(sharded_pool, mesh, layer, context_slots, stored)
         pending = sharded_cpu_attention_start(sharded_pool, mesh, q, k_new, v_new, layer, new_slots, tables, lens,
                                               dep=stored)
-        pending, x = jax.lax.optimization_barrier((pending, k_context))
-        return sharded_cpu_attention_wait(pending, jnp.tanh(x), mesh, dep_spec=HEADS_SPEC), k_loaded, v_loaded
+        return (sharded_cpu_attention_wait(pending, jnp.tanh(k_context), mesh, dep_spec=HEADS_SPEC),
+                k_loaded, v_loaded)
 
     @jax.jit
     def plain(q, k_new, v_new, k_context, v_context):
