@@ -9,8 +9,8 @@ after it, and batch-0's CPU share must be started before batch-1's projections a
 The entry computation of XLA's scheduled module lists its instructions in execution order, so the test reads
 the custom calls' positions there and counts the matmuls (instructions reading a weight matrix) between them.
 Since XLA orders instructions by their operands alone, the order must also be data: the other tests follow the
-entry computation's operands from each GPU attention back to its layer's share start, and from each start back
-to the stores of a swap-out whose request it reads.
+entry computation's operands from each GPU attention back to the starts it overlaps (its layer's share and
+batch-1's), and from each start back to the stores of a swap-out whose request it reads.
 """
 
 from __future__ import annotations
