@@ -15,6 +15,7 @@ pipeline_s / max(gpu_side_s, cpu_side_s). JSON goes to stdout and --output-json 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from typing import Any, Callable
 
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--profile", action="store_true", help="trace the one-request steps (device time per kernel)")
+    parser.add_argument("--trace-dir", help="with --profile: keep the traces in DIR/batch1 and DIR/share")
     parser.add_argument("--output-json")
     args = parser.parse_args()
 
@@ -112,8 +114,10 @@ def main() -> None:
             results["handoff_us_per_layer"] = (row["share_pipeline_s"] - results["gpu_only"]["step_s"]) / layers * 1e6
             results["batch1_overhead_us_per_layer"] = (row["pipeline_s"] - results["gpu_only"]["step_s"]) / layers * 1e6
             if args.profile:
-                row["profile_batch1"] = profile_step(lambda: runner.run_pipeline(packed, sampling))
-                row["profile_share"] = profile_step(run_share)
+                trace_dir = lambda name: args.trace_dir and os.path.join(args.trace_dir, name)
+                row["profile_batch1"] = profile_step(lambda: runner.run_pipeline(packed, sampling),
+                                                     trace_dir=trace_dir("batch1"))
+                row["profile_share"] = profile_step(run_share, trace_dir=trace_dir("share"))
         results["pipeline"].append(row)
         print(row, flush=True)
         write_json(args.output_json, results)

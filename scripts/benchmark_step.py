@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import glob
 import os
@@ -85,11 +86,13 @@ def time_step(runner: ModelRunner, chunks: list[ScheduledChunk], eos: tuple[int,
     return {"step_s": synced_s, "step_back_to_back_s": pipelined_s, "pack_s": pack_s, "first_call_s": compile_s}
 
 
-def profile_step(run: Callable[[], jax.Array], steps: int = 3, top: int = 30) -> dict[str, Any]:
+def profile_step(run: Callable[[], jax.Array], steps: int = 3, top: int = 30,
+                 trace_dir: str | None = None) -> dict[str, Any]:
     """Device time per step from a jax.profiler trace of `steps` calls of `run` (one step each, compiled
     already): per timeline line (GPU streams, XLA ops) and the `top` kernels by time, to see where a step's
-    time goes."""
-    with tempfile.TemporaryDirectory() as directory:
+    time goes. The trace is kept in `trace_dir` when given (for TensorBoard / XProf), else deleted."""
+    with contextlib.ExitStack() as stack:
+        directory = trace_dir or stack.enter_context(tempfile.TemporaryDirectory())
         with jax.profiler.trace(directory):
             for _ in range(steps):
                 np.asarray(run())
@@ -160,6 +163,7 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="first check greedy tokens on the tiny preset")
     parser.add_argument("--profile-batch", type=int, default=0,
                         help="also trace the decode step at this batch size (one of --batch-sizes); 0: none")
+    parser.add_argument("--trace-dir", help="keep the --profile-batch trace in this directory")
     parser.add_argument("--output-json")
     args = parser.parse_args()
 
@@ -201,7 +205,8 @@ def main() -> None:
             batch, rows = pack_step(chunks, runner.block_size, runner.buckets)
             sampling = pack_sampling(rows, eos)
             np.asarray(runner.run(batch, sampling))
-            results["decode"][-1]["profile"] = profile_step(lambda: runner.run(batch, sampling))
+            results["decode"][-1]["profile"] = profile_step(lambda: runner.run(batch, sampling),
+                                                            trace_dir=args.trace_dir)
         write_json(args.output_json, results)
     if args.prefill_len == 0:
         return
