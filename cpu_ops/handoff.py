@@ -20,6 +20,13 @@ alone (an `optimization_barrier` did not hold a start back), so make the overlap
 
 (`neo_jax.sharded_host_attention.computed_after` does this per tensor-parallel shard.)
 
+The calls declare no side effect: an effect sends every call of the jitted function through JAX's Python
+dispatch (no C++ fast path); in an H200 profile that was most of the 13 ms by which a pipelined step with one
+CPU request outlasted the GPU-only step, whose GPU time it matched. So they are pure to XLA: a call
+whose result nothing reads is removed, and calls with identical operands may be merged. Pass each store's
+token on (a later call's `dep`, or into an output) and wait for every start; two starts need different
+operands (in practice they always differ in q or layer).
+
 Padding: slot -1 is skipped by appends and stores (a load gives a zero row for it); a request with
 context length 0 gets a zero output row.
 """
@@ -159,29 +166,30 @@ def cpu_attention_start(pool: HostKvPool, q: jax.Array, k_new: jax.Array, v_new:
     for name, array in zip(("slot_mapping", "block_tables", "context_lens"), operands[4:]):
         _check_length(op, name, array, num_reqs)
     dep = jnp.zeros((), jnp.int32) if dep is None else dep
-    token = jax.ffi.ffi_call(_ATTENTION_START, jax.ShapeDtypeStruct((), jnp.int32),
-                             has_side_effect=True)(*operands, dep, pool_id=np.int64(pool.pool_id))
+    token = jax.ffi.ffi_call(_ATTENTION_START, jax.ShapeDtypeStruct((), jnp.int32))(
+        *operands, dep, pool_id=np.int64(pool.pool_id))
     return PendingAttention(token, q.shape, q.dtype, pool.pool_id)
 
 
 def cpu_attention_wait(pending: PendingAttention, dep: jax.Array) -> jax.Array:
     """The output [n, q_heads, head_dim] (q's dtype) of a started attention. `dep` is any array
     that must be computed before the wait, e.g. the GPU work meant to overlap the CPU's."""
-    return jax.ffi.ffi_call(_ATTENTION_WAIT, jax.ShapeDtypeStruct(pending.out_shape, pending.out_dtype),
-                            has_side_effect=True)(pending.token, dep, pool_id=np.int64(pending.pool_id))
+    return jax.ffi.ffi_call(_ATTENTION_WAIT, jax.ShapeDtypeStruct(pending.out_shape, pending.out_dtype))(
+        pending.token, dep, pool_id=np.int64(pending.pool_id))
 
 
 def host_kv_store(pool: HostKvPool, k_rows: jax.Array, v_rows: jax.Array, layer,
                   slot_mapping) -> jax.Array:
     """Writes k_rows / v_rows [m, kv_heads, head_dim] at slot_mapping [m] into `layer` of the pool.
-    Returns an int32 token. Later handoff calls see the rows; to read them from NumPy on a GPU
+    Returns an int32 token; unless a later call or an output reads it, XLA drops the store. Later calls
+    that take the token as `dep` see the rows; to read them from NumPy on a GPU
     host, call `synchronize()` after the step has finished."""
     op = "host_kv_store"
     pool._check_open(op)
     slot_mapping = _index_array(op, "slot_mapping", slot_mapping, 1)
     pool._check_rows(op, "k_rows", k_rows, slot_mapping.shape[0])
     pool._check_rows(op, "v_rows", v_rows, slot_mapping.shape[0])
-    return jax.ffi.ffi_call(_KV_STORE, jax.ShapeDtypeStruct((), jnp.int32), has_side_effect=True)(
+    return jax.ffi.ffi_call(_KV_STORE, jax.ShapeDtypeStruct((), jnp.int32))(
         k_rows, v_rows, _index_array(op, "layer", layer, 0), slot_mapping,
         pool_id=np.int64(pool.pool_id))
 
@@ -195,7 +203,7 @@ def host_kv_load(pool: HostKvPool, layer, slot_mapping, dep: jax.Array | None = 
     slot_mapping = _index_array(op, "slot_mapping", slot_mapping, 1)
     rows = jax.ShapeDtypeStruct((slot_mapping.shape[0], pool.num_kv_heads, pool.head_dim), pool.dtype)
     dep = jnp.zeros((), jnp.int32) if dep is None else dep
-    k_rows, v_rows = jax.ffi.ffi_call(_KV_LOAD, (rows, rows), has_side_effect=True)(
+    k_rows, v_rows = jax.ffi.ffi_call(_KV_LOAD, (rows, rows))(
         _index_array(op, "layer", layer, 0), slot_mapping, dep, pool_id=np.int64(pool.pool_id))
     return k_rows, v_rows
 

@@ -96,14 +96,34 @@ class StepMeter:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self.step_times: list[float] = []
+        self.step_counters: list[dict[str, int]] = []  # per step, the counters it changed and by how much
         self._start = dataclasses.asdict(engine.scheduler.stats)
         self._start_compilations = num_step_compilations()
 
     def step(self) -> list[Request]:
+        before = dataclasses.asdict(self.engine.scheduler.stats)
         start = time.perf_counter()
         finished = self.engine.step()
         self.step_times.append(time.perf_counter() - start)
+        after = dataclasses.asdict(self.engine.scheduler.stats)
+        self.step_counters.append({name: after[name] - before[name] for name in after if after[name] != before[name]})
         return finished
+
+    def seconds_by_kind(self) -> dict[str, dict[str, float]]:
+        """Steps and seconds per kind of step: "swap" (moved KV between the pools), "pipelined" (had a batch-1),
+        "gpu" (neither)."""
+        kinds: dict[str, dict[str, float]] = {}
+        for seconds, changed in zip(self.step_times, self.step_counters):
+            kind = ("swap" if "num_swap_out" in changed or "num_swap_in" in changed
+                    else "pipelined" if "num_pipelined_steps" in changed else "gpu")
+            totals = kinds.setdefault(kind, {"steps": 0, "seconds": 0.0})
+            totals["steps"] += 1
+            totals["seconds"] += seconds
+        return kinds
+
+    def slowest_steps(self, count: int = 8) -> list[dict[str, Any]]:
+        order = sorted(range(len(self.step_times)), key=self.step_times.__getitem__, reverse=True)[:count]
+        return [{"step": i, "ms": 1000.0 * self.step_times[i], **self.step_counters[i]} for i in order]
 
     def counters(self) -> dict[str, int]:
         now = dataclasses.asdict(self.engine.scheduler.stats)
@@ -118,7 +138,8 @@ class StepMeter:
         bound = bandwidth_bound(host_gb_per_s * 1e9, sum(self.step_times), counters["num_steps"],
                                 counters["gpu_kv_tokens_read"], counters["cpu_kv_tokens_read"], per_token)
         return {"counters": counters, **bound, "median_step_ms": 1000.0 * float(np.median(self.step_times)),
-                "max_step_ms": 1000.0 * max(self.step_times),
+                "max_step_ms": 1000.0 * max(self.step_times), "seconds_by_step_kind": self.seconds_by_kind(),
+                "slowest_steps": self.slowest_steps(),
                 "step_compilations": num_step_compilations() - self._start_compilations}
 
 

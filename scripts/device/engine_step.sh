@@ -13,14 +13,16 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/neo_jax_xla_c
 export OUT=${OUT:-/tmp/gpu_figures}
 mkdir -p "$OUT"
 bash scripts/device/gpu_attention.sh "$@"
-# STEP_XLA_VARIANTS: '|'-separated XLA_FLAGS values; for each, the batch-256 decode step alone (traced) goes to
-# engine_step_variant_<n>.json, before the main run (VARIANT_TIMEOUT seconds each).
-IFS='|' read -ra variants <<< "${STEP_XLA_VARIANTS:-}"
+# STEP_VARIANTS: '|'-separated sets of environment assignments (e.g. "NEO_XLA_COMMAND_BUFFERS=1|XLA_FLAGS=--x=y");
+# for each, the batch-256 and batch-1 decode steps alone (batch 256 traced) go to engine_step_variant_<n>.json,
+# before the main run (VARIANT_TIMEOUT seconds each).
+IFS='|' read -ra variants <<< "${STEP_VARIANTS:-}"
 for n in "${!variants[@]}"; do
   {
-    echo "variant $n: XLA_FLAGS=${variants[n]}"
-    XLA_FLAGS="${variants[n]}" XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 PYTHONUNBUFFERED=1 timeout "${VARIANT_TIMEOUT:-60}" \
-      python3 scripts/benchmark_step.py --batch-sizes 256 --prefill-len 0 --profile-batch 256 --iters 5 \
+    echo "variant $n: ${variants[n]}"
+    # shellcheck disable=SC2086  # each variant is a list of assignments
+    env ${variants[n]} XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 PYTHONUNBUFFERED=1 timeout "${VARIANT_TIMEOUT:-60}" \
+      python3 scripts/benchmark_step.py --batch-sizes 256 1 --prefill-len 0 --profile-batch 256 --iters 5 \
       --output-json "$OUT/engine_step_variant_$n.json" > /dev/null
     echo "variant $n exit code $?"
   } 2>&1 | tee -a "$OUT/engine_step_log.txt"

@@ -32,6 +32,7 @@ from neo_jax.cost_model import CostModel, MachineId
 from neo_jax.cost_tables import Table1D, Table2D
 from neo_jax.engine import LLMEngine
 from neo_jax.model_runner import ModelRunner
+from neo_jax.pipeline_batch import PipelineSchedule
 from neo_jax.sampling_params import SamplingParams
 from neo_jax.sequence import Request
 
@@ -90,6 +91,20 @@ class GpuOnlyMirror:
         return self.runner.last_logits_by_request()
 
 
+def step_roles(schedule: PipelineSchedule, request_id: int) -> dict[str, object]:
+    """Where a request sits in a step, and what the step does (for a failure's message)."""
+    def ids(chunks) -> list[int]:
+        return [c.request.request_id for c in chunks]
+
+    role = ("host prefill" if request_id in schedule.host_prefill_ids
+            else "batch-0 CPU share" if request_id in ids(schedule.batch0_cpu_chunks)
+            else "batch-1" if request_id in ids(schedule.batch1_cpu_chunks) else "batch-0 GPU")
+    return {"role": role, "gpu": ids(schedule.gpu_chunks), "host prefills": sorted(schedule.host_prefill_ids),
+            "share": ids(schedule.batch0_cpu_chunks), "batch-1": ids(schedule.batch1_cpu_chunks),
+            "swap out": [m.request.request_id for m in schedule.swap_out],
+            "swap in": [m.request.request_id for m in schedule.swap_in]}
+
+
 def run_mirrored(config: EngineConfig, prompt_list: list[list[int]]) -> tuple[list[list[int]], LLMEngine, dict]:
     """Generates with the engine while its runner checks each step against the mirror (requests still hold
     their state from before the step when the runner executes it)."""
@@ -107,7 +122,8 @@ def run_mirrored(config: EngineConfig, prompt_list: list[list[int]]) -> tuple[li
         for request_id, row in logits.items():
             exact = request_id not in cpu_decode_ids and jax.default_backend() == "cpu"
             np.testing.assert_allclose(row, expected[request_id], rtol=0, atol=0 if exact else 2e-6,
-                                       err_msg=f"request {request_id}")
+                                       err_msg=f"request {request_id} {step_roles(schedule, request_id)} "
+                                               f"in step {engine.scheduler.stats.num_steps}")
         events["batch0_cpu_rows"] += len(schedule.batch0_cpu_chunks)
         events["host_prefills"] += len(schedule.host_prefill_ids)
         return sampled

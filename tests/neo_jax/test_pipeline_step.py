@@ -10,13 +10,16 @@ The entry computation of XLA's scheduled module lists its instructions in execut
 the custom calls' positions there and counts the matmuls (instructions reading a weight matrix) between them.
 Since XLA orders instructions by their operands alone, the order must also be data: the other tests follow the
 entry computation's operands from each GPU attention back to the starts it overlaps (its layer's share and
-batch-1's), and from each start back to the stores of a swap-out whose request it reads.
+batch-1's), and from each start back to the stores of a swap-out whose request it reads. The host calls are
+pure to XLA (no effects, so JAX dispatches the step from C++): the last tests check that and that a swap-out's
+stores stay in a step that has no CPU attention to read their token.
 """
 
 from __future__ import annotations
 
 import re
 
+import jax
 import numpy as np
 import pytest
 
@@ -28,6 +31,7 @@ from neo_jax.kv_cache import allocate_host_kv_pool
 from neo_jax.model_runner import ModelRunner, jitted_pipeline_step
 from neo_jax.models.config import PRESETS
 from neo_jax.pipeline_batch import KvMove, PipelineSchedule, pack_pipeline_step
+from neo_jax.pipeline_step import pipeline_step
 from neo_jax.sampler import pack_sampling
 from neo_jax.sampling_params import SamplingParams
 from neo_jax.sequence import Request
@@ -50,10 +54,10 @@ def decodes(pool: BlockPool, first_id: int, count: int, vocab_size: int) -> list
     return chunks
 
 
-def compile_pipeline_step(swap_out: bool, share: bool = True) -> str:
-    """The compiled HLO of a step with GPU decodes, a CPU share (unless not `share`) and batch-1 (with
-    `swap_out`, batch-1's first request also arrives from the GPU pool this step: its KV is copied to the host
-    pool before the layers)."""
+def pipeline_step_args(swap_out: bool, share: bool = True, batch1: bool = True) -> tuple:
+    """The arguments of `jitted_pipeline_step` for a step with GPU decodes, a CPU share (unless not `share`) and
+    batch-1 (unless not `batch1`); with `swap_out`, a request's KV is copied from the GPU pool to the host pool
+    before the layers (batch-1's first request, which then attends from there)."""
     model_config, params = load_model("tiny", "float32", seed=0)
     config = EngineConfig("tiny", dtype="float32", policy="cpu-all", block_size=BLOCK_SIZE, max_model_len=32,
                           max_num_seqs=8)
@@ -62,19 +66,23 @@ def compile_pipeline_step(swap_out: bool, share: bool = True) -> str:
     runner = ModelRunner(model_config, params, config, num_blocks, 32, host_pool)
     vocab = model_config.vocab_size
     gpu_blocks, host_blocks = BlockPool("gpu", num_blocks, BLOCK_SIZE), BlockPool("cpu", num_blocks, BLOCK_SIZE)
-    batch1 = decodes(host_blocks, 20, BATCH1_ROWS, vocab)
+    batch1_chunks = decodes(host_blocks, 20, BATCH1_ROWS, vocab)
     moves = []
     if swap_out:
         gpu_copy = decodes(gpu_blocks, 30, 1, vocab)[0].request
-        moves.append(KvMove(batch1[0].request, source_table=gpu_copy.block_table,
-                            target_table=batch1[0].request.block_table, num_tokens=CONTEXT - 1))
+        moves.append(KvMove(batch1_chunks[0].request, source_table=gpu_copy.block_table,
+                            target_table=batch1_chunks[0].request.block_table, num_tokens=CONTEXT - 1))
     schedule = PipelineSchedule(decodes(gpu_blocks, 0, GPU_ROWS, vocab),
                                 batch0_cpu_chunks=decodes(host_blocks, 10, SHARE_ROWS, vocab) if share else [],
-                                batch1_cpu_chunks=batch1, swap_out=moves)
+                                batch1_cpu_chunks=batch1_chunks if batch1 else [], swap_out=moves)
     batch, rows = pack_pipeline_step(schedule, BLOCK_SIZE, runner.buckets)
     sampling = pack_sampling(rows, model_config.eos_token_ids)
-    return jitted_pipeline_step.lower(params, runner.kv_cache, batch, sampling, model_config,
-                                      host_pool).compile().as_text()
+    return params, runner.kv_cache, batch, sampling, model_config, host_pool
+
+
+def compile_pipeline_step(swap_out: bool, share: bool = True, batch1: bool = True) -> str:
+    """The compiled HLO of the step of `pipeline_step_args`."""
+    return jitted_pipeline_step.lower(*pipeline_step_args(swap_out, share, batch1)).compile().as_text()
 
 
 def entry_lines(hlo: str) -> list[str]:
@@ -210,3 +218,22 @@ def test_cpu_attention_starts_after_the_swap_out_stores():
     assert len(starts) == 2 * PRESETS["tiny"].num_layers
     assert all(reaches(operands, start, swap_loops) for start in starts)
 
+
+
+def test_swap_out_stores_stay_in_a_step_without_cpu_attention():
+    """The host calls are pure to XLA, so a store lives only while something reads its token: with no CPU
+    attention to take the swaps' token, the step's output must."""
+    hlo = compile_pipeline_step(swap_out=True, share=False, batch1=False)
+    assert 'custom_call_target="neo_host_kv_store"' in hlo
+    assert 'custom_call_target="neo_cpu_attention_start"' not in hlo
+
+
+@pytest.mark.parametrize("swap_out", [False, True])
+def test_the_step_has_no_effects(swap_out):
+    """An effect in the jaxpr (e.g. a custom call declared side-effecting) sends every call of the jitted step
+    through JAX's Python dispatch instead of its C++ fast path (on the H200, most of the 13 ms by which a
+    one-request pipelined step outlasted the GPU-only step)."""
+    args = pipeline_step_args(swap_out)
+    jaxpr = jax.make_jaxpr(pipeline_step, static_argnums=(4, 5))(*args)
+    assert not jaxpr.effects
+    assert any(equation.primitive.name == "ffi_call" for equation in jaxpr.jaxpr.eqns)

@@ -33,6 +33,13 @@ def check_bound(bound: dict, num_steps: int) -> None:
     assert 0 < bound["median_step_ms"] <= bound["max_step_ms"]
     assert bound["mean_step_ms"] <= bound["max_step_ms"]
     assert bound["step_compilations"] == 0  # the untimed replay compiled every shape of the timed run
+    kinds = bound["seconds_by_step_kind"]
+    assert set(kinds) == {"gpu"} and kinds["gpu"]["steps"] == num_steps  # gpu-only: no swaps, no batch-1
+    assert sum(kind["seconds"] for kind in kinds.values()) == pytest.approx(bound["mean_step_ms"] * num_steps / 1e3)
+    slowest = bound["slowest_steps"]
+    assert slowest[0]["ms"] == pytest.approx(bound["max_step_ms"])
+    assert [step["ms"] for step in slowest] == sorted((step["ms"] for step in slowest), reverse=True)
+    assert all(step["num_steps"] == 1 for step in slowest)  # each entry's counters changed by one step only
 
 
 def test_throughput_counts_only_the_timed_pass(results, capsys):
