@@ -3,7 +3,7 @@
 # equality tests (tests/neo_jax/test_pipeline.py) with JAX on the GPU, so the pipelined step goes through the CUDA
 # start/wait path, then scripts/benchmark_pipeline.py on llama-3-8b (handoff per layer, overlap). Writes
 # pipeline_log.txt and pipeline.json into $OUT. TEST_TIMEOUT / BENCH_TIMEOUT: seconds per stage (0 skips);
-# TEST_ARGS: more pytest arguments (e.g. -k neo); BENCH_ARGS: more arguments for the benchmark. EXTRA: a command
+# TEST_ARGS: more pytest arguments (e.g. -k neo), TEST_XLA_FLAGS: their XLA_FLAGS; BENCH_ARGS: more arguments for the benchmark. EXTRA: a command
 # run after the build (an experiment).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -22,7 +22,9 @@ export CMAKE_ARGS=${CMAKE_ARGS:--DCMAKE_CUDA_ARCHITECTURES=90-real}
   python3 -c "from neo_jax.cpu_ops import handoff; print('cuda handoff:', handoff.cuda_handoff_available(), handoff.cuda_driver_status())"
   if [ -n "${EXTRA:-}" ]; then bash -c "$EXTRA"; echo "extra exit code $?"; fi
   if [ "${TEST_TIMEOUT:-150}" != 0 ]; then
-    timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q --tb=short -rA -p no:cacheprovider \
+    # The tests compile dozens of small programs: without GEMM autotuning each compiles in a fraction of the time.
+    XLA_FLAGS=${TEST_XLA_FLAGS:---xla_gpu_autotune_level=0} timeout "${TEST_TIMEOUT:-150}" \
+      python3 -m pytest -q --tb=short -rA -p no:cacheprovider \
       tests/neo_jax/test_pipeline.py ${TEST_ARGS:-}
     echo "pipeline tests exit code $?"
   fi
