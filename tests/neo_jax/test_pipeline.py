@@ -6,11 +6,13 @@ differently. A mirror is: every step the offloading engine takes is replayed by 
 same chunks, with every request's KV in its own GPU cache. Batch-0's GPU rows (GPU decodes, prefills to either
 pool) must give the same logits bit for bit. CPU decodes attend through the handoff calls over the host pool
 instead of the mirror's paged-attention call, from q/k/v rows that sit elsewhere in other-sized batches than
-in the mirror; their rows differed from the mirror's by up to 2.4e-7 with some weights and not with others,
-for a reason not pinned down (a one-row XLA CPU product was seen to round unlike the same row of a larger one,
-but these batches have several rows). Batch-1 also runs its out-projection and MLP of layer l next to its QKV
-of layer l+1, which XLA fuses and rounds differently. So the rows of CPU decodes must agree to float32
-rounding (the tokens are identical either way). On a GPU, where XLA fuses each program its own way, every row
+in the mirror; their rows differed from the mirror's by up to 2.4e-7 with some weights and not with others.
+XLA's CPU matmuls are not batch-invariant: a row of a float32 [M, 128] x [128, 512] product (the tiny preset's
+LM head) came out up to 1.4e-6 apart for M = 2..32 and M = 64, and a one-row product of a [1, 256] x [256, 768]
+one rounded unlike the same row of wider products, while [M, 128] x [128, 128] agreed for every M tried; which
+op of a CPU row's path changes its bits was not isolated (a lone batch-1 request matches the plain step bit for
+bit). Batch-1 also runs its out-projection and MLP of layer l next to its QKV of layer l+1, which XLA fuses
+differently. So the rows of CPU decodes must agree to float32 rounding (the tokens are identical either way). On a GPU, where XLA fuses each program its own way, every row
 agrees to float32 rounding (2.7e-7 at most on the H100); matmuls run at "highest" precision there, since
 float32 matmuls default to TF32.
 """
