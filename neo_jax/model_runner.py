@@ -43,7 +43,8 @@ def _counted(step: Callable) -> Callable:
 # XLA:GPU records runs of kernels into CUDA graphs ("command buffers"). A step's inputs are new buffers on every
 # call, so the graphs are re-recorded before each launch: in an H200 trace, 3.1 ms of update and 2.4 ms of
 # launch passed before batch-256's first kernel (a 24.3 ms step of 17.8 ms GPU work), and pipelined steps
-# instantiated their 33 graphs anew (8.5 ms). Kernels launched one by one are queued ahead of the GPU instead.
+# instantiated their 33 graphs anew (8.5 ms). Kernels launched one by one should stay queued ahead of the GPU
+# instead (not yet measured).
 # NEO_XLA_COMMAND_BUFFERS=1 keeps XLA's default, for comparison.
 STEP_COMPILER_OPTIONS = ({} if os.environ.get("NEO_XLA_COMMAND_BUFFERS") == "1"
                          else {"xla_gpu_enable_command_buffer": ""})

@@ -96,7 +96,8 @@ def profile_step(run: Callable[[], jax.Array], steps: int = 3, top: int = 30,
         with jax.profiler.trace(directory):
             for _ in range(steps):
                 np.asarray(run())
-        data = jax.profiler.ProfileData.from_file(glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)[0])
+        traces = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)
+        data = jax.profiler.ProfileData.from_file(max(traces, key=os.path.getmtime))  # a kept dir may hold older ones
     line_us: dict[str, float] = collections.Counter()
     event_us: dict[tuple[str, str], float] = collections.Counter()
     event_calls: dict[tuple[str, str], int] = collections.Counter()
