@@ -10,6 +10,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from neo_jax.batch import ScheduledChunk
 from neo_jax.block_manager import BlockPool, blocks_for
 from neo_jax.config import EngineConfig
 from neo_jax.cost_model import CostModel, HardwareSpec, MachineId, gpu_side_name, load_cost_model
@@ -54,20 +55,25 @@ class LLMEngine:
         self.max_model_len = config.resolved_max_model_len(self.model_config)
         num_blocks = num_gpu_blocks(self.model_config, config, self.max_model_len)
         self.pool = BlockPool("gpu", num_blocks, config.block_size)
-        host_pool = None
+        self.host_pool = None  # the host pool's blocks, under an offload policy
+        host_kv_pool = None    # and its memory
+        self.cost_model = self._load_cost_model() if config.offloads else None
         if config.offloads:
             self.host_pool = BlockPool("cpu", num_cpu_blocks(self.model_config, config, self.max_model_len),
                                        config.block_size)
-            host_pool = allocate_host_kv_pool(self.model_config, self.host_pool.num_blocks, config.block_size,
-                                              config.tensor_parallel_size)
-            self.scheduler = PipelineScheduler(config, self.pool, self.host_pool, self._cost_model())
-        else:
-            self.host_pool = None
-            self.scheduler = Scheduler(config, self.pool)
+            host_kv_pool = allocate_host_kv_pool(self.model_config, self.host_pool.num_blocks, config.block_size,
+                                                 config.tensor_parallel_size)
+        self.scheduler = self._new_scheduler(self.pool, self.host_pool)
         self._check_one_request_fits()
-        self.runner = ModelRunner(self.model_config, params, config, num_blocks, self.max_model_len, host_pool, mesh)
+        self.runner = ModelRunner(self.model_config, params, config, num_blocks, self.max_model_len, host_kv_pool,
+                                  mesh)
         self._seed_generator = np.random.default_rng(config.seed)
         self._next_request_id = 0
+
+    def _new_scheduler(self, pool: BlockPool, host_pool: BlockPool | None) -> Scheduler | PipelineScheduler:
+        if self.config.offloads:
+            return PipelineScheduler(self.config, pool, host_pool, self.cost_model)
+        return Scheduler(self.config, pool)
 
     def _check_one_request_fits(self) -> None:
         """A request of max_model_len tokens must fit in the pool that prefills may fill."""
@@ -82,7 +88,7 @@ class LLMEngine:
                              f"the {largest.name} pool has {largest.num_usable_blocks}; lower max_model_len or raise "
                              f"{budget}")
 
-    def _cost_model(self) -> CostModel:
+    def _load_cost_model(self) -> CostModel:
         if self.config.cost_table is not None:
             return CostModel.load(self.config.cost_table)
         tensor_parallel_size = self.config.tensor_parallel_size
@@ -137,6 +143,11 @@ class LLMEngine:
             raise RuntimeError(f"the scheduler found nothing to run for {len(self.scheduler.waiting)} waiting and "
                                f"{len(self.scheduler.running)} running requests (KV pools too small?)")
         sampled = self.runner.execute(schedule, self.eos_token_ids)
+        return self._advance(self.scheduler, chunks, sampled)
+
+    def _advance(self, scheduler: Scheduler | PipelineScheduler, chunks: list[ScheduledChunk],
+                 sampled: dict[int, int]) -> list[Request]:
+        """Books a step's chunks and sampled tokens on their requests; returns the requests it finished."""
         finished = []
         for chunk in chunks:
             request = chunk.request
@@ -146,6 +157,25 @@ class LLMEngine:
             request.output_token_ids.append(sampled[request.request_id])
             reason = request.stop_reason(self.eos_token_ids, self.max_model_len)
             if reason is not None:
-                self.scheduler.finish(request, reason)
+                scheduler.finish(request, reason)
                 finished.append(request)
         return finished
+
+    def compile_ahead(self, requests: Sequence[tuple[Sequence[int], SamplingParams]], max_workers: int = 4) -> int:
+        """Compiles, `max_workers` at a time, the step programs that serving `requests` on this idle engine would
+        run, and returns their number. The requests are scheduled on fresh pools without running the model, every
+        sampled token taken to be 0: the very steps of the real run when no request's length depends on its
+        tokens (`ignore_eos`, no stop tokens), else a step that comes out differently compiles when it runs."""
+        pool = BlockPool("gpu", self.pool.num_blocks, self.config.block_size)
+        host_pool = self.host_pool and BlockPool("cpu", self.host_pool.num_blocks, self.config.block_size)
+        scheduler = self._new_scheduler(pool, host_pool)
+        for request_id, (prompt, sampling_params) in enumerate(requests):
+            scheduler.add(Request(request_id, list(prompt), sampling_params, seed=0))
+        steps = []
+        while scheduler.has_unfinished():
+            schedule = scheduler.schedule()
+            steps.append(self.runner.pack(schedule, self.eos_token_ids))
+            chunks = schedule.chunks if isinstance(schedule, PipelineSchedule) else schedule
+            sampled = {request.request_id: 0 for request in steps[-1].sampled_requests if request is not None}
+            self._advance(scheduler, chunks, sampled)
+        return self.runner.compile(steps, max_workers)

@@ -7,8 +7,11 @@ swaps runs `pipeline_step`. Both return the sampled tokens and the logits they w
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import numpy as np
@@ -23,18 +26,21 @@ from neo_jax.models.config import ModelConfig
 from neo_jax.pipeline_batch import PipelineBatch, PipelineSchedule, pack_pipeline_step
 from neo_jax.pipeline_step import pipeline_step
 from neo_jax.sampler import SamplingBatch, pack_sampling
+from neo_jax.sequence import Request
 from neo_jax.sharding import kv_cache_sharding
 from neo_jax.step import model_step
 
 
 _num_traces = 0
+_num_traces_lock = threading.Lock()  # `compile` traces in several threads
 
 
 def _counted(step: Callable) -> Callable:
     def counted_step(*args):
         global _num_traces
         # Python here runs only while jit traces, once per new (shapes, statics), right before XLA compiles.
-        _num_traces += 1
+        with _num_traces_lock:
+            _num_traces += 1
         return step(*args)
 
     return counted_step
@@ -61,6 +67,21 @@ def num_step_compilations() -> int:
     return _num_traces
 
 
+@dataclasses.dataclass
+class PackedStep:
+    """One scheduled step as the arrays of its program; `pipelined`: `pipeline_step`'s, else `model_step`'s."""
+
+    pipelined: bool
+    batch: StepBatch | PipelineBatch
+    sampling: SamplingBatch
+    sampled_requests: list[Request | None]  # the request of each sampled row (None: padding)
+
+    def program_key(self) -> tuple:
+        """Equal for steps that run the same compiled program."""
+        leaves, structure = jax.tree.flatten((self.batch, self.sampling))
+        return self.pipelined, structure, tuple((leaf.shape, leaf.dtype) for leaf in leaves)
+
+
 class ModelRunner:
     """Executes steps on one model's params and GPU KV cache (both sharded over `mesh` when given)."""
 
@@ -79,29 +100,51 @@ class ModelRunner:
 
     def run(self, batch: StepBatch, sampling: SamplingBatch) -> jax.Array:
         """Runs one packed step on the device; the sampled tokens int32[R] (not yet fetched)."""
-        self.kv_cache, tokens, self.last_logits = jitted_step(self.params, self.kv_cache, batch, sampling,
-                                                              self.model_config, self.mesh)
+        self.kv_cache, tokens, self.last_logits = jitted_step(*self._program_args(False, batch, sampling))
         return tokens
 
     def run_pipeline(self, batch: PipelineBatch, sampling: SamplingBatch) -> jax.Array:
         """Runs one packed pipeline step; the sampled tokens int32[R] (not yet fetched)."""
-        self.kv_cache, tokens, self.last_logits = jitted_pipeline_step(self.params, self.kv_cache, batch, sampling,
-                                                                       self.model_config, self.host_pool, self.mesh)
+        self.kv_cache, tokens, self.last_logits = jitted_pipeline_step(*self._program_args(True, batch, sampling))
         return tokens
+
+    def _program_args(self, pipelined: bool, batch: StepBatch | PipelineBatch, sampling: SamplingBatch) -> tuple:
+        statics = (self.model_config, self.host_pool, self.mesh) if pipelined else (self.model_config, self.mesh)
+        return (self.params, self.kv_cache, batch, sampling, *statics)
+
+    def pack(self, schedule: PipelineSchedule | list[ScheduledChunk],
+             eos_token_ids: tuple[int, ...]) -> PackedStep:
+        """The arrays of a scheduled step (nothing runs)."""
+        if isinstance(schedule, PipelineSchedule) and schedule.uses_host:
+            batch, sampled_requests = pack_pipeline_step(schedule, self.block_size, self.buckets)
+            return PackedStep(True, batch, pack_sampling(sampled_requests, eos_token_ids), sampled_requests)
+        chunks = schedule.gpu_chunks if isinstance(schedule, PipelineSchedule) else schedule
+        batch, sampled_requests = pack_step(chunks, self.block_size, self.buckets)
+        return PackedStep(False, batch, pack_sampling(sampled_requests, eos_token_ids), sampled_requests)
 
     def execute(self, schedule: PipelineSchedule | list[ScheduledChunk],
                 eos_token_ids: tuple[int, ...]) -> dict[int, int]:
         """Computes the step; the sampled next token of each request that samples, by request id."""
-        if isinstance(schedule, PipelineSchedule) and schedule.uses_host:
-            batch, sampled_requests = pack_pipeline_step(schedule, self.block_size, self.buckets)
-            tokens = self.run_pipeline(batch, pack_sampling(sampled_requests, eos_token_ids))
-        else:
-            chunks = schedule.gpu_chunks if isinstance(schedule, PipelineSchedule) else schedule
-            batch, sampled_requests = pack_step(chunks, self.block_size, self.buckets)
-            tokens = self.run(batch, pack_sampling(sampled_requests, eos_token_ids))
-        tokens = np.asarray(tokens)
-        self._sampled_rows = {r.request_id: row for row, r in enumerate(sampled_requests) if r is not None}
+        step = self.pack(schedule, eos_token_ids)
+        run = self.run_pipeline if step.pipelined else self.run
+        tokens = np.asarray(run(step.batch, step.sampling))
+        self._sampled_rows = {r.request_id: row for row, r in enumerate(step.sampled_requests) if r is not None}
         return {request_id: int(tokens[row]) for request_id, row in self._sampled_rows.items()}
+
+    def compile(self, steps: Iterable[PackedStep], max_workers: int = 4) -> int:
+        """Compiles the programs of `steps` ahead of time, `max_workers` at once (XLA compiles outside the GIL);
+        JAX keeps them, so the jitted calls of those shapes compile nothing. Returns the number of programs."""
+        programs: dict[tuple, PackedStep] = {}
+        for step in steps:
+            programs.setdefault(step.program_key(), step)
+
+        def compile_program(step: PackedStep) -> None:
+            jitted = jitted_pipeline_step if step.pipelined else jitted_step
+            jitted.lower(*self._program_args(step.pipelined, step.batch, step.sampling)).compile()
+
+        with ThreadPoolExecutor(max_workers) as executor:
+            list(executor.map(compile_program, programs.values()))
+        return len(programs)
 
     def last_logits_by_request(self) -> dict[int, np.ndarray]:
         """The logits float32[V] each request sampled its newest token from in the latest step (fetched now)."""

@@ -3,9 +3,12 @@
     python scripts/benchmark_throughput.py --model llama-3-8b --dtype bfloat16 --num-prompts 1000 \
         --input-len 1000 --output-len 300 --policy neo --gpu-kv-cache-gb 1.5 --output-json out.json
 
-A warm-up pass replays the same workload untimed first: greedy requests that ignore EOS step through the very
-same shapes again, so the timed pass measures serving, not XLA compilation (the JSON's `step_compilations`
-counts the programs compiled during the timed pass). `--warmup-output-len N` cuts the warm-up's outputs short.
+The timed pass must measure serving, not XLA compilation (the JSON's `step_compilations` counts the programs
+compiled during it). `--warmup replay` (the default) first runs the same workload untimed: greedy requests that
+ignore EOS step through the very same shapes again (`--warmup-output-len N` cuts its outputs short).
+`--warmup compile` instead schedules the workload without running the model and compiles its step programs,
+`--compile-workers` at a time (`LLMEngine.compile_ahead`): no untimed run, but each program's first execution
+(loading it onto the device) falls into the timed pass.
 """
 
 from __future__ import annotations
@@ -24,13 +27,17 @@ from neo_jax.engine import LLMEngine
 from neo_jax.sampling_params import SamplingParams
 
 
+def greedy(output_len: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+
+
 def run_requests(engine: LLMEngine, prompts: list[list[int]], output_lens: list[int],
                  desc: str) -> tuple[float, StepMeter]:
     """Queues every request, steps the engine until all finish; the elapsed seconds and the steps' meter."""
     meter = StepMeter(engine)
     start = time.perf_counter()
     for prompt, output_len in zip(prompts, output_lens):
-        engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True))
+        engine.add_request(prompt, greedy(output_len))
     with tqdm(total=len(prompts), desc=desc, unit="req") as bar:
         while engine.has_unfinished_requests():
             bar.update(len(meter.step()))
@@ -41,16 +48,25 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_arguments(parser)
     add_workload_arguments(parser)
+    parser.add_argument("--warmup", choices=("replay", "compile"), default="replay",
+                        help="run the workload untimed first, or only compile its step programs")
     parser.add_argument("--warmup-output-len", type=int, default=None,
-                        help="output tokens per warm-up request (default: the workload's own)")
+                        help="with --warmup replay: output tokens per warm-up request (default: the workload's own)")
+    parser.add_argument("--compile-workers", type=int, default=4, help="with --warmup compile: XLA compiles at once")
     args = parser.parse_args(argv)
 
     engine = engine_from_args(args)
     workload = Workload.from_args(args, engine.model_config.vocab_size)
     prompts, input_lens, output_lens = workload.prompts, workload.input_lens, workload.output_lens
-    warmup_lens = output_lens if args.warmup_output_len is None else [min(n, args.warmup_output_len)
-                                                                       for n in output_lens]
-    run_requests(engine, prompts, warmup_lens, "warm-up")
+    if args.warmup == "compile":
+        requests = [(prompt, greedy(n)) for prompt, n in zip(prompts, output_lens)]
+        start = time.perf_counter()
+        num_programs = engine.compile_ahead(requests, args.compile_workers)
+        print(f"compiled {num_programs} step programs in {time.perf_counter() - start:.1f} s")
+    else:
+        warmup_lens = output_lens if args.warmup_output_len is None else [min(n, args.warmup_output_len)
+                                                                           for n in output_lens]
+        run_requests(engine, prompts, warmup_lens, "warm-up")
     elapsed, meter = run_requests(engine, prompts, output_lens, args.policy)
     bound = meter.bound(host_read_gb_per_s(args.bandwidth_probe_mb))
 

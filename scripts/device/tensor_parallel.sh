@@ -5,7 +5,8 @@
 # then the runs.
 # Writes log.txt and tp${TP}_<policy>.json into $OUT; the offload policies get a host KV pool of $CPU_KV_GB GiB.
 # The device tool allows 10 minutes a command: SKIP_TESTS=1, SKIP_PROFILE=1 and POLICIES="gpu-only" / "neo" split
-# the work. The neo run schedules with the table that the profile step measures over the TP devices.
+# the work; WARMUP=compile compiles the step programs in parallel instead of an untimed replay. The neo run
+# schedules with the table that the profile step measures over the TP devices.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/neo_jax_xla_cache}  # reused by later calls on a warm machine
@@ -50,7 +51,7 @@ PY
     offload=()
     [[ $policy != gpu-only ]] && offload=(--cpu-kv-cache-gb "${CPU_KV_GB:-32}")
     timeout "${BENCH_TIMEOUT:-270}" python3 scripts/benchmark_throughput.py "${WORKLOAD[@]}" "${offload[@]}" \
-      --policy "$policy" --output-json "$OUT/tp${TP}_${policy}.json"
+      --policy "$policy" --warmup "${WARMUP:-replay}" --output-json "$OUT/tp${TP}_${policy}.json"
     echo "$policy exit code $?"
   done
 } 2>&1 | tee "$OUT/log.txt"

@@ -52,6 +52,16 @@ def test_throughput_counts_only_the_timed_pass(results, capsys):
     assert result["output_tokens_per_s"] == pytest.approx(6 / result["elapsed_s"])
 
 
+def test_throughput_after_compiling_ahead_compiles_nothing(load_script, tmp_path):
+    """`--warmup compile` runs nothing untimed, yet the timed pass finds every step program compiled."""
+    output = tmp_path / "throughput.json"
+    load_script("benchmark_throughput").main(ENGINE_ARGS + ["--policy", "cpu-all", "--warmup", "compile",
+                                                            "--output-json", str(output)])
+    bound = json.loads(output.read_text())["bandwidth_bound"]
+    assert bound["step_compilations"] == 0
+    assert bound["counters"]["num_pipelined_steps"] > 0
+
+
 def test_serving_reports_each_rate_with_its_bound(results):
     runs = results["serving"]["runs"]
     assert [run["request_rate"] for run in runs] == [100, float("inf")]

@@ -1,0 +1,57 @@
+"""LLMEngine.compile_ahead: the step programs of a workload compiled before it runs, in parallel threads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from neo_jax.config import EngineConfig
+from neo_jax.engine import LLMEngine
+from neo_jax.model_runner import num_step_compilations
+from neo_jax.sampling_params import SamplingParams
+
+# Sizes no other test uses, so that every program of the workload is new to the process; a GPU pool of 20 blocks
+# preempts (gpu-only) or offloads (cpu-all) some of the 6 requests.
+OPTIONS = dict(max_model_len=48, block_size=4, num_gpu_blocks=20, num_cpu_blocks=80, max_num_seqs=3,
+               max_num_batched_tokens=24)
+
+
+def workload() -> list[tuple[list[int], SamplingParams]]:
+    rng = np.random.default_rng(7)
+    return [(rng.integers(3, 500, size=int(rng.integers(20, 40))).tolist(),
+             SamplingParams(temperature=0.0, max_tokens=int(rng.integers(2, 8)), ignore_eos=True))
+            for _ in range(6)]
+
+
+def run(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]]) -> list[list[int]]:
+    added = [engine.add_request(prompt, params) for prompt, params in requests]
+    while engine.has_unfinished_requests():
+        engine.step()
+    return [request.output_token_ids for request in added]
+
+
+@pytest.mark.parametrize("policy", ["gpu-only", "cpu-all"])
+def test_compile_ahead_leaves_nothing_to_compile(policy):
+    engine = LLMEngine(EngineConfig("tiny", policy=policy, **OPTIONS))
+    requests = workload()
+    before = num_step_compilations()
+    num_programs = engine.compile_ahead(requests, max_workers=2)
+    assert num_programs > 1 and num_step_compilations() - before == num_programs
+    assert engine.pool.num_free_blocks == engine.pool.num_usable_blocks  # the dry run used pools of its own
+    assert engine.scheduler.stats.num_steps == 0
+    compiled = num_step_compilations()
+    outputs = run(engine, requests)
+    assert num_step_compilations() == compiled
+    assert [len(tokens) for tokens in outputs] == [params.max_tokens for _, params in requests]
+    stats = engine.scheduler.stats
+    assert stats.num_preemptions if policy == "gpu-only" else stats.num_pipelined_steps
+
+
+def test_tokens_that_end_requests_make_later_steps_compile_instead():
+    """With EOS honoured, the dry run (every token 0, never EOS) may schedule other steps than the real run; the
+    engine still serves the real run, compiling what the dry run missed."""
+    engine = LLMEngine(EngineConfig("tiny", **{**OPTIONS, "max_num_seqs": 5}))
+    requests = [(prompt, SamplingParams(temperature=0.0, max_tokens=8)) for prompt, _ in workload()]
+    engine.compile_ahead(requests)
+    outputs = run(engine, requests)
+    assert all(1 <= len(tokens) <= 8 for tokens in outputs)
