@@ -38,6 +38,7 @@ from neo_jax.cost_tables import Table1D, Table2D
 from neo_jax.cpu_ops import paged_decode_attention as cpu_paged_decode_attention
 from neo_jax.cpu_ops.handoff import HostKvPool, cpu_attention_start, cpu_attention_wait
 from neo_jax.kernels.paged_attention import paged_decode_attention
+from neo_jax.model_runner import STEP_COMPILER_OPTIONS
 from neo_jax.models.config import ModelConfig, get_config
 from neo_jax.models.llama import init_layer_params, post_attention, pre_attention
 from neo_jax.sharding import LAYER_SPECS, check_tensor_parallel_size, make_mesh, named_shardings
@@ -60,7 +61,8 @@ def seconds_per_iteration(body: Callable[..., jax.Array], carry: jax.Array, oper
                           repeats: int) -> float:
     """Time of one `body(carry, *operands) -> carry` call, from a jitted loop of `iterations` calls. The operands
     (weights, caches) are arguments, not constants folded into the program."""
-    loop = jax.jit(lambda c, ops: jax.lax.fori_loop(0, iterations, lambda _, x: body(x, *ops), c))
+    loop = jax.jit(lambda c, ops: jax.lax.fori_loop(0, iterations, lambda _, x: body(x, *ops), c),
+                   compiler_options=STEP_COMPILER_OPTIONS)  # launched as the engine's steps are
     return median_seconds(lambda: loop(carry, operands).block_until_ready(), repeats) / iterations
 
 
