@@ -1,0 +1,83 @@
+"""Replay a throughput workload through the scheduler alone: no model, no device, a given cost table.
+
+    python scripts/simulate_schedule.py --model llama-3-8b --dtype bfloat16 --policy neo --cost-table T.json \
+        --gpu-kv-cache-gb 1.5 --cpu-kv-cache-gb 16 --num-prompts 64 --input-len 1000 --output-len 300 \
+        --range-ratio 0.1 --max-model-len 2048
+
+Shows what a policy does with a machine's cost table before any GPU time is spent: how many steps pipeline,
+swap or run on the GPU alone, how many requests wait in the host pool, and the plan's predicted rates. Every
+sampled token is 0 (`ignore_eos` workloads schedule the same steps whatever the tokens are), and the scheduler
+sees the same pools as the engine would (`--gpu-kv-cache-gb` etc. sized for the model's KV blocks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+
+import numpy as np
+
+from bench_common import Workload, add_engine_arguments, add_workload_arguments
+from neo_jax.block_manager import BlockPool
+from neo_jax.config import EngineConfig
+from neo_jax.cost_model import CostModel
+from neo_jax.kv_cache import num_cpu_blocks, num_gpu_blocks
+from neo_jax.models.config import get_config
+from neo_jax.pipeline_scheduler import PipelineScheduler
+from neo_jax.sampling_params import SamplingParams
+from neo_jax.sequence import Request
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_arguments(parser)
+    add_workload_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.policy == "gpu-only" or args.cost_table is None:
+        parser.error("simulate_schedule.py replays an offload policy ('cpu-all', 'neo') with a --cost-table")
+    model_config = get_config(args.model)
+    if args.dtype:
+        model_config = model_config.with_dtype(args.dtype)
+    config = EngineConfig(model=args.model, dtype=args.dtype, policy=args.policy, max_model_len=args.max_model_len,
+                          gpu_kv_cache_gb=args.gpu_kv_cache_gb, cpu_kv_cache_gb=args.cpu_kv_cache_gb,
+                          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                          block_size=args.block_size, cost_table=args.cost_table)
+    max_model_len = config.resolved_max_model_len(model_config)
+    gpu_pool = BlockPool("gpu", num_gpu_blocks(model_config, config, max_model_len), args.block_size)
+    host_pool = BlockPool("cpu", num_cpu_blocks(model_config, config, max_model_len), args.block_size)
+    scheduler = PipelineScheduler(config, gpu_pool, host_pool, CostModel.load(args.cost_table))
+    workload = Workload.from_args(args, model_config.vocab_size)
+    for request_id, (prompt, output_len) in enumerate(zip(workload.prompts, workload.output_lens)):
+        scheduler.add(Request(request_id, prompt, SamplingParams(temperature=0.0, max_tokens=output_len,
+                                                                 ignore_eos=True), seed=0))
+    kinds: collections.Counter[str] = collections.Counter()
+    batch1_rows, host_waiting, predicted_s = [], [], 0.0
+    while scheduler.has_unfinished():
+        schedule = scheduler.schedule()
+        plan = scheduler.last_plan
+        kinds["swap" if schedule.swap_out or schedule.swap_in else
+              "pipelined" if schedule.batch1_cpu_chunks else "gpu"] += 1
+        batch1_rows.append(len(schedule.batch1_cpu_chunks))
+        on_cpu = {c.request.request_id for c in schedule.batch0_cpu_chunks + schedule.batch1_cpu_chunks}
+        host_waiting.append(sum(r.kv_pool == "cpu" and r.request_id not in on_cpu for r in scheduler.running))
+        predicted_s += plan.predicted_step_s
+        for chunk in schedule.chunks:
+            request = chunk.request
+            request.num_computed_tokens += chunk.num_tokens
+            if request.num_uncomputed_tokens == 0:
+                request.output_token_ids.append(0)
+                if request.stop_reason(model_config.eos_token_ids, max_model_len):
+                    scheduler.finish(request, "length")
+    result = {"steps": sum(kinds.values()), "steps_by_kind": dict(kinds),
+              "mean_batch1_rows": float(np.mean(batch1_rows)),
+              "mean_host_requests_not_decoding": float(np.mean(host_waiting)),
+              "predicted_seconds": predicted_s,
+              "predicted_output_tokens_per_s": sum(workload.output_lens) / predicted_s,
+              "counters": vars(scheduler.stats)}
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

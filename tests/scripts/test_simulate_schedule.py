@@ -1,0 +1,45 @@
+"""scripts/simulate_schedule.py replays a workload through the scheduler alone: its step counts must be the
+engine's own for the same workload and cost table (benchmark_throughput.py on the tiny preset, CPU backend)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from neo_jax.cost_model import CostModel, MachineId
+from neo_jax.cost_tables import Table1D, Table2D
+
+MS = 1e-3
+WORKLOAD = ["--model", "tiny", "--max-model-len", "64", "--max-num-seqs", "6", "--max-num-batched-tokens", "32",
+            "--block-size", "4", "--num-prompts", "8", "--input-len", "24", "--output-len", "6", "--range-ratio",
+            "0.3", "--policy", "neo"]
+
+
+@pytest.fixture
+def cost_table(tmp_path) -> str:
+    """Slow linear layers and fast CPU attention, so that neo pipelines some steps of the tiny workload."""
+    model = CostModel(
+        model="tiny", machine=MachineId("test", 1, "test"), dtype="float32", block_size=4, num_layers=2,
+        linear=Table1D((1, 1000), (1 * MS, 2 * MS)), prefill_attention=Table1D((0, 1000), (0.0, 1 * MS)),
+        gpu_decode_attention=Table1D((0, 1000), (0.0, 0.2 * MS)),
+        cpu_decode_attention=Table2D((1, 100), (0, 1000), ((0.0, 0.01 * MS), (0.0, 0.01 * MS))),
+        handoff=Table1D((1,), (0.0,)))
+    return str(model.save(tmp_path / "cost.json"))
+
+
+def test_simulation_schedules_the_engines_steps(load_script, cost_table, tmp_path):
+    # 8 requests of ~24 + 6 tokens; a GPU pool of 7 blocks of 4 tokens (4 KiB each) holds about one of them
+    pools = ["--gpu-kv-cache-gb", "0.00003", "--cpu-kv-cache-gb", "0.001", "--cost-table", cost_table]
+    simulated = load_script("simulate_schedule").main(WORKLOAD + pools)
+    output = tmp_path / "throughput.json"
+    load_script("benchmark_throughput").main(WORKLOAD + pools + ["--bandwidth-probe-mb", "16", "--warmup", "compile",
+                                                                  "--output-json", str(output)])
+    engine_counters = json.loads(output.read_text())["bandwidth_bound"]["counters"]
+    assert simulated["counters"] == engine_counters
+    assert simulated["steps_by_kind"].get("pipelined", 0) > 0 and simulated["steps"] == engine_counters["num_steps"]
+
+
+def test_a_policy_without_a_cost_table_is_refused(load_script):
+    with pytest.raises(SystemExit):
+        load_script("simulate_schedule").main(WORKLOAD)
