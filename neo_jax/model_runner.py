@@ -32,7 +32,7 @@ from neo_jax.step import model_step
 
 
 _num_traces = 0
-_num_traces_lock = threading.Lock()  # `compile` traces in several threads
+_num_traces_lock = threading.Lock()  # `compile` traces and compiles in several threads
 
 
 def _counted(step: Callable) -> Callable:
@@ -65,6 +65,25 @@ jitted_pipeline_step = jax.jit(_counted(pipeline_step), static_argnums=(4, 5, 6)
 def num_step_compilations() -> int:
     """Step programs compiled in this process so far (all runners together)."""
     return _num_traces
+
+
+_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_num_xla_compilations = 0
+
+
+def _count_xla_compilation(event: str, seconds: float, **kwargs) -> None:
+    global _num_xla_compilations
+    if event == _BACKEND_COMPILE_EVENT:
+        with _num_traces_lock:
+            _num_xla_compilations += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_xla_compilation)
+
+
+def num_xla_compilations() -> int:
+    """XLA compilations of any program in this process since this module loaded (JAX's monitoring events)."""
+    return _num_xla_compilations
 
 
 @dataclasses.dataclass

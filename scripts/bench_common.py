@@ -20,7 +20,7 @@ from neo_jax.config import EngineConfig
 from neo_jax.cost_model import DTYPE_BYTES, MachineId
 from neo_jax.cpu_ops import cpu_isa, num_threads, read_bandwidth_probe
 from neo_jax.engine import LLMEngine
-from neo_jax.model_runner import num_step_compilations
+from neo_jax.model_runner import num_step_compilations, num_xla_compilations
 from neo_jax.sequence import Request
 
 
@@ -99,6 +99,7 @@ class StepMeter:
         self.step_counters: list[dict[str, int]] = []  # per step, the counters it changed and by how much
         self._start = dataclasses.asdict(engine.scheduler.stats)
         self._start_compilations = num_step_compilations()
+        self._start_xla_compilations = num_xla_compilations()
 
     def step(self) -> list[Request]:
         before = dataclasses.asdict(self.engine.scheduler.stats)
@@ -140,7 +141,8 @@ class StepMeter:
         return {"counters": counters, **bound, "median_step_ms": 1000.0 * float(np.median(self.step_times)),
                 "max_step_ms": 1000.0 * max(self.step_times), "seconds_by_step_kind": self.seconds_by_kind(),
                 "slowest_steps": self.slowest_steps(),
-                "step_compilations": num_step_compilations() - self._start_compilations}
+                "step_compilations": num_step_compilations() - self._start_compilations,
+                "xla_compilations": num_xla_compilations() - self._start_xla_compilations}
 
 
 def pool_sizes(engine: LLMEngine) -> dict[str, int]:

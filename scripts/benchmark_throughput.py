@@ -3,8 +3,8 @@
     python scripts/benchmark_throughput.py --model llama-3-8b --dtype bfloat16 --num-prompts 1000 \
         --input-len 1000 --output-len 300 --policy neo --gpu-kv-cache-gb 1.5 --output-json out.json
 
-The timed pass must measure serving, not XLA compilation (the JSON's `step_compilations` counts the programs
-compiled during it). `--warmup replay` (the default) first runs the same workload untimed: greedy requests that
+The timed pass must measure serving, not XLA compilation (the JSON's `step_compilations` counts the step
+programs compiled during it, `xla_compilations` every XLA compile). `--warmup replay` (the default) first runs the same workload untimed: greedy requests that
 ignore EOS step through the very same shapes again (`--warmup-output-len N` cuts its outputs short).
 `--warmup compile` instead schedules the workload without running the model and compiles its step programs,
 `--compile-workers` at a time (`LLMEngine.compile_ahead`): no untimed run, but each program's first execution

@@ -7,7 +7,7 @@ import pytest
 
 from neo_jax.config import EngineConfig
 from neo_jax.engine import LLMEngine
-from neo_jax.model_runner import num_step_compilations
+from neo_jax.model_runner import num_step_compilations, num_xla_compilations
 from neo_jax.sampling_params import SamplingParams
 
 # Sizes no other test uses, so that every program of the workload is new to the process; a GPU pool of 20 blocks
@@ -34,14 +34,15 @@ def run(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]]) -> 
 def test_compile_ahead_leaves_nothing_to_compile(policy):
     engine = LLMEngine(EngineConfig("tiny", policy=policy, **OPTIONS))
     requests = workload()
-    before = num_step_compilations()
+    before, xla_before = num_step_compilations(), num_xla_compilations()
     num_programs = engine.compile_ahead(requests, max_workers=2)
     assert num_programs > 1 and num_step_compilations() - before == num_programs
+    assert num_xla_compilations() - xla_before >= num_programs
     assert engine.pool.num_free_blocks == engine.pool.num_usable_blocks  # the dry run used pools of its own
     assert engine.scheduler.stats.num_steps == 0
-    compiled = num_step_compilations()
+    compiled, xla_compiled = num_step_compilations(), num_xla_compilations()
     outputs = run(engine, requests)
-    assert num_step_compilations() == compiled
+    assert num_step_compilations() == compiled and num_xla_compilations() == xla_compiled
     assert [len(tokens) for tokens in outputs] == [params.max_tokens for _, params in requests]
     stats = engine.scheduler.stats
     assert stats.num_preemptions if policy == "gpu-only" else stats.num_pipelined_steps

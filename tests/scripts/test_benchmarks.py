@@ -33,6 +33,7 @@ def check_bound(bound: dict, num_steps: int) -> None:
     assert 0 < bound["median_step_ms"] <= bound["max_step_ms"]
     assert bound["mean_step_ms"] <= bound["max_step_ms"]
     assert bound["step_compilations"] == 0  # the untimed replay compiled every shape of the timed run
+    assert bound["xla_compilations"] == 0     # nor did anything else compile in the timed run
     kinds = bound["seconds_by_step_kind"]
     assert set(kinds) == {"gpu"} and kinds["gpu"]["steps"] == num_steps  # gpu-only: no swaps, no batch-1
     assert sum(kind["seconds"] for kind in kinds.values()) == pytest.approx(bound["mean_step_ms"] * num_steps / 1e3)
@@ -58,7 +59,7 @@ def test_throughput_after_compiling_ahead_compiles_nothing(load_script, tmp_path
     load_script("benchmark_throughput").main(ENGINE_ARGS + ["--policy", "cpu-all", "--warmup", "compile",
                                                             "--output-json", str(output)])
     bound = json.loads(output.read_text())["bandwidth_bound"]
-    assert bound["step_compilations"] == 0
+    assert bound["step_compilations"] == bound["xla_compilations"] == 0
     assert bound["counters"]["num_pipelined_steps"] > 0
 
 
