@@ -86,11 +86,32 @@ def time_step(runner: ModelRunner, chunks: list[ScheduledChunk], eos: tuple[int,
     return {"step_s": synced_s, "step_back_to_back_s": pipelined_s, "pack_s": pack_s, "first_call_s": compile_s}
 
 
+def step_timeline(intervals: list[tuple[int, int]], steps: int) -> dict[str, float]:
+    """From the device events, (start, end) in ns, of `steps` calls of one step program: the median per step of
+    the span from its first event's start to its last event's end, and of the time some event ran; the difference
+    is device time left idle inside the step. Each call runs the same events, so their count splits the steps."""
+    if not intervals or len(intervals) % steps:
+        return {}
+    ordered = sorted(intervals)
+    per_step = len(ordered) // steps
+    spans, busy = [], []
+    for first in range(0, len(ordered), per_step):
+        step = ordered[first:first + per_step]
+        covered, reach = 0, step[0][0]
+        for start, end in step:
+            covered += max(0, end - max(start, reach))
+            reach = max(reach, end)
+        spans.append(reach - step[0][0])
+        busy.append(covered)
+    return {"device_span_us": float(np.median(spans)) / 1e3, "device_busy_us": float(np.median(busy)) / 1e3}
+
+
 def profile_step(run: Callable[[], jax.Array], steps: int = 3, top: int = 30,
                  trace_dir: str | None = None) -> dict[str, Any]:
     """Device time per step from a jax.profiler trace of `steps` calls of `run` (one step each, compiled
     already): per timeline line (GPU streams, XLA ops) and the `top` kernels by time, to see where a step's
-    time goes. The trace is kept in `trace_dir` when given (for TensorBoard / XProf), else deleted."""
+    time goes, and the first device's `step_timeline`. The trace is kept in `trace_dir` when given (for
+    TensorBoard / XProf), else deleted."""
     with contextlib.ExitStack() as stack:
         directory = trace_dir or stack.enter_context(tempfile.TemporaryDirectory())
         with jax.profiler.trace(directory):
@@ -101,15 +122,16 @@ def profile_step(run: Callable[[], jax.Array], steps: int = 3, top: int = 30,
     line_us: dict[str, float] = collections.Counter()
     event_us: dict[tuple[str, str], float] = collections.Counter()
     event_calls: dict[tuple[str, str], int] = collections.Counter()
-    for plane in data.planes:
-        if not plane.name.startswith("/device:"):
-            continue
+    devices = sorted((plane for plane in data.planes if plane.name.startswith("/device:")), key=lambda p: p.name)
+    for plane in devices:
         for line in plane.lines:
             for event in line.events:
                 line_us[line.name] += event.duration_ns / 1e3 / steps
                 event_us[line.name, event.name] += event.duration_ns / 1e3 / steps
                 event_calls[line.name, event.name] += 1
-    return {"steps": steps, "us_per_step_by_line": dict(line_us),
+    first_device = [(event.start_ns, event.start_ns + event.duration_ns)
+                    for plane in devices[:1] for line in plane.lines for event in line.events]
+    return {"steps": steps, **step_timeline(first_device, steps), "us_per_step_by_line": dict(line_us),
             "top_events": [{"line": line, "name": name[:200], "us_per_step": us,
                             "calls_per_step": event_calls[line, name] / steps}
                            for (line, name), us in event_us.most_common(top)]}
