@@ -1,7 +1,8 @@
 """Tensor parallelism on JAX's CPU backend with 4 host devices: LLM.generate with tensor_parallel_size 2 and 4
 equals tensor_parallel_size 1, under the GPU-only and the offload policies (the sharded pipelined step, with
-host prefills, batch-0 CPU shares and swaps), the cache and weights are split over heads, bad sizes raise, and
-the sharded host-pool calls (store, load, CPU attention start/wait) equal the single-device calls.
+host prefills, batch-0 CPU shares and swaps), the cache and weights are split over heads, bad sizes raise,
+the sharded host-pool calls (store, load, CPU attention start/wait) equal the single-device calls, and programs
+compiled ahead (LLMEngine.compile_ahead) serve a sharded run without another compile.
 
 The host device count must be set before JAX initializes, and pytest's process has JAX running already, so the
 sharded checks run once in a subprocess (this file run as a script) that prints their results as JSON.
@@ -192,6 +193,30 @@ def max_logit_error(expected: list[dict], actual: list[dict]) -> float:
                for step, other in zip(expected, actual) for request in step)
 
 
+def compile_ahead_then_run(tensor_parallel_size: int, cost_table: str) -> dict:
+    """LLMEngine.compile_ahead on a sharded cpu-all engine (sizes no other check uses), then the same workload."""
+    import numpy as np
+
+    from neo_jax import SamplingParams
+    from neo_jax.engine import LLMEngine
+    from neo_jax.model_runner import num_step_compilations, num_xla_compilations
+
+    engine = LLMEngine(EngineConfig(TP_MODEL, tensor_parallel_size=tensor_parallel_size, policy="cpu-all",
+                                    cost_table=cost_table, **dict(OFFLOAD_OPTIONS, max_num_seqs=3)))
+    rng = np.random.default_rng(1)
+    requests = [(rng.integers(3, 500, size=n).tolist(), SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+                for n in PROMPT_LENGTHS]
+    programs = engine.compile_ahead(requests, max_workers=2)
+    steps, xla = num_step_compilations(), num_xla_compilations()
+    for prompt, params in requests:
+        engine.add_request(prompt, params)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return {"programs": programs, "step_compilations": num_step_compilations() - steps,
+            "xla_compilations": num_xla_compilations() - xla,
+            "pipelined_steps": engine.scheduler.stats.num_pipelined_steps}
+
+
 def run_sharded_checks() -> dict:
     import pathlib
     import tempfile
@@ -213,6 +238,7 @@ def run_sharded_checks() -> dict:
                 sharded_logits = []
                 results[f"{policy}_tp{n}"] = generate_greedy(n, policy, fast_cpu, sharded_logits)
                 results[f"{policy}_tp{n}"]["max_logit_error"] = max_logit_error(single_logits, sharded_logits)
+        results["compile_ahead_tp2"] = compile_ahead_then_run(2, fast_cpu)
     results.update({f"params_tp{n}": sharded_params_equal(n) for n in (2, 4)})
     results.update({f"host_tp{n}": host_attention_matches(n) for n in (2, 4)})
     results["profile_tp2"] = profile_over_shards(2)
@@ -251,6 +277,12 @@ def test_offload_policies_under_tensor_parallelism_equal_single_device(sharded_r
     assert result["repeat_equal"]
     for event in expected_events:  # the sharded pipelined step did run, with the placements this case is for
         assert result["scheduler_stats"][event] > 0, (event, result["scheduler_stats"])
+
+
+def test_compile_ahead_under_tensor_parallelism_leaves_nothing_to_compile(sharded_results):
+    result = sharded_results["compile_ahead_tp2"]
+    assert result["programs"] > 1 and result["pipelined_steps"] > 0
+    assert result["step_compilations"] == result["xla_compilations"] == 0
 
 
 @pytest.mark.parametrize("tensor_parallel_size", [1, 2, 4])
