@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
@@ -138,44 +138,56 @@ class LLMEngine:
     def step(self) -> list[Request]:
         """Schedules and runs one step; returns the requests that finished in it."""
         schedule = self.scheduler.schedule()
-        chunks = schedule.chunks if isinstance(schedule, PipelineSchedule) else schedule
+        chunks = scheduled_chunks(schedule)
         if not chunks:
             raise RuntimeError(f"the scheduler found nothing to run for {len(self.scheduler.waiting)} waiting and "
                                f"{len(self.scheduler.running)} running requests (KV pools too small?)")
         sampled = self.runner.execute(schedule, self.eos_token_ids)
-        return self._advance(self.scheduler, chunks, sampled)
-
-    def _advance(self, scheduler: Scheduler | PipelineScheduler, chunks: list[ScheduledChunk],
-                 sampled: dict[int, int]) -> list[Request]:
-        """Books a step's chunks and sampled tokens on their requests; returns the requests it finished."""
-        finished = []
-        for chunk in chunks:
-            request = chunk.request
-            request.num_computed_tokens += chunk.num_tokens
-            if request.request_id not in sampled:
-                continue
-            request.output_token_ids.append(sampled[request.request_id])
-            reason = request.stop_reason(self.eos_token_ids, self.max_model_len)
-            if reason is not None:
-                scheduler.finish(request, reason)
-                finished.append(request)
-        return finished
+        return book_step(self.scheduler, chunks, sampled, self.eos_token_ids, self.max_model_len)
 
     def compile_ahead(self, requests: Sequence[tuple[Sequence[int], SamplingParams]], max_workers: int = 4) -> int:
         """Compiles, `max_workers` at a time, the step programs that serving `requests` on this idle engine would
-        run, and returns their number. The requests are scheduled on fresh pools without running the model, every
-        sampled token taken to be 0: the very steps of the real run when no request's length depends on its
-        tokens (`ignore_eos`, no stop tokens), else a step that comes out differently compiles when it runs."""
+        run (the steps of `dry_run` on fresh pools of the engine's sizes), and returns their number."""
         pool = BlockPool("gpu", self.pool.num_blocks, self.config.block_size)
         host_pool = self.host_pool and BlockPool("cpu", self.host_pool.num_blocks, self.config.block_size)
-        scheduler = self._new_scheduler(pool, host_pool)
-        for request_id, (prompt, sampling_params) in enumerate(requests):
-            scheduler.add(Request(request_id, list(prompt), sampling_params, seed=0))
-        steps = []
-        while scheduler.has_unfinished():
-            schedule = scheduler.schedule()
-            steps.append(self.runner.pack(schedule, self.eos_token_ids))
-            chunks = schedule.chunks if isinstance(schedule, PipelineSchedule) else schedule
-            sampled = {request.request_id: 0 for request in steps[-1].sampled_requests if request is not None}
-            self._advance(scheduler, chunks, sampled)
-        return self.runner.compile(steps, max_workers)
+        schedules = dry_run(self._new_scheduler(pool, host_pool), requests, self.eos_token_ids, self.max_model_len)
+        return self.runner.compile([self.runner.pack(schedule, self.eos_token_ids) for schedule in schedules],
+                                   max_workers)
+
+
+def scheduled_chunks(schedule: PipelineSchedule | list[ScheduledChunk]) -> list[ScheduledChunk]:
+    """Every chunk a step computes, whichever batch it is in."""
+    return schedule.chunks if isinstance(schedule, PipelineSchedule) else schedule
+
+
+def book_step(scheduler: Scheduler | PipelineScheduler, chunks: list[ScheduledChunk], sampled: dict[int, int],
+              eos_token_ids: tuple[int, ...], max_model_len: int) -> list[Request]:
+    """Books a step's chunks and sampled tokens (by request id) on their requests; returns the requests it
+    finished."""
+    finished = []
+    for chunk in chunks:
+        request = chunk.request
+        request.num_computed_tokens += chunk.num_tokens
+        if request.request_id not in sampled:
+            continue
+        request.output_token_ids.append(sampled[request.request_id])
+        reason = request.stop_reason(eos_token_ids, max_model_len)
+        if reason is not None:
+            scheduler.finish(request, reason)
+            finished.append(request)
+    return finished
+
+
+def dry_run(scheduler: Scheduler | PipelineScheduler, requests: Sequence[tuple[Sequence[int], SamplingParams]],
+            eos_token_ids: tuple[int, ...], max_model_len: int) -> Iterator[PipelineSchedule | list[ScheduledChunk]]:
+    """Serves `requests` on `scheduler` without a model, every sampled token taken to be 0, and yields each step's
+    schedule before booking it. These are the steps of a real run when no request's length depends on its tokens
+    (`ignore_eos`, no stop tokens); otherwise a real run may schedule differently."""
+    for request_id, (prompt, sampling_params) in enumerate(requests):
+        scheduler.add(Request(request_id, list(prompt), sampling_params, seed=0))
+    while scheduler.has_unfinished():
+        schedule = scheduler.schedule()
+        yield schedule
+        chunks = scheduled_chunks(schedule)
+        book_step(scheduler, chunks, {c.request.request_id: 0 for c in chunks if c.samples}, eos_token_ids,
+                  max_model_len)

@@ -18,15 +18,14 @@ import json
 
 import numpy as np
 
-from bench_common import Workload, add_engine_arguments, add_workload_arguments
+from bench_common import Workload, add_engine_arguments, add_workload_arguments, greedy
 from neo_jax.block_manager import BlockPool
 from neo_jax.config import EngineConfig
 from neo_jax.cost_model import CostModel
+from neo_jax.engine import dry_run
 from neo_jax.kv_cache import num_cpu_blocks, num_gpu_blocks
 from neo_jax.models.config import get_config
 from neo_jax.pipeline_scheduler import PipelineScheduler
-from neo_jax.sampling_params import SamplingParams
-from neo_jax.sequence import Request
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -48,27 +47,16 @@ def main(argv: list[str] | None = None) -> dict:
     host_pool = BlockPool("cpu", num_cpu_blocks(model_config, config, max_model_len), args.block_size)
     scheduler = PipelineScheduler(config, gpu_pool, host_pool, CostModel.load(args.cost_table))
     workload = Workload.from_args(args, model_config.vocab_size)
-    for request_id, (prompt, output_len) in enumerate(zip(workload.prompts, workload.output_lens)):
-        scheduler.add(Request(request_id, prompt, SamplingParams(temperature=0.0, max_tokens=output_len,
-                                                                 ignore_eos=True), seed=0))
+    requests = [(prompt, greedy(output_len)) for prompt, output_len in zip(workload.prompts, workload.output_lens)]
     kinds: collections.Counter[str] = collections.Counter()
     batch1_rows, host_waiting, predicted_s = [], [], 0.0
-    while scheduler.has_unfinished():
-        schedule = scheduler.schedule()
-        plan = scheduler.last_plan
+    for schedule in dry_run(scheduler, requests, model_config.eos_token_ids, max_model_len):
         kinds["swap" if schedule.swap_out or schedule.swap_in else
               "pipelined" if schedule.batch1_cpu_chunks else "gpu"] += 1
         batch1_rows.append(len(schedule.batch1_cpu_chunks))
         on_cpu = {c.request.request_id for c in schedule.batch0_cpu_chunks + schedule.batch1_cpu_chunks}
         host_waiting.append(sum(r.kv_pool == "cpu" and r.request_id not in on_cpu for r in scheduler.running))
-        predicted_s += plan.predicted_step_s
-        for chunk in schedule.chunks:
-            request = chunk.request
-            request.num_computed_tokens += chunk.num_tokens
-            if request.num_uncomputed_tokens == 0:
-                request.output_token_ids.append(0)
-                if request.stop_reason(model_config.eos_token_ids, max_model_len):
-                    scheduler.finish(request, "length")
+        predicted_s += scheduler.last_plan.predicted_step_s
     result = {"steps": sum(kinds.values()), "steps_by_kind": dict(kinds),
               "mean_batch1_rows": float(np.mean(batch1_rows)),
               "mean_host_requests_not_decoding": float(np.mean(host_waiting)),
