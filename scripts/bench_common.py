@@ -21,6 +21,7 @@ from neo_jax.cost_model import DTYPE_BYTES, MachineId
 from neo_jax.cpu_ops import cpu_isa, num_threads, read_bandwidth_probe
 from neo_jax.engine import LLMEngine
 from neo_jax.model_runner import num_step_compilations, num_xla_compilations
+from neo_jax.sampling_params import SamplingParams
 from neo_jax.sequence import Request
 
 
@@ -89,6 +90,11 @@ def host_read_gb_per_s(probe_mb: int) -> float:
     return float(np.median(read_bandwidth_probe(probe_mb << 20, 5)))
 
 
+def greedy(output_len: int) -> SamplingParams:
+    """The benchmarks' requests: greedy, exactly `output_len` tokens (EOS ignored), so runs are reproducible."""
+    return SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+
+
 class StepMeter:
     """Steps an engine, keeping the wall time of each `engine.step()`, and the scheduler's counters and the
     step programs compiled from the moment the meter was made."""
@@ -97,17 +103,16 @@ class StepMeter:
         self.engine = engine
         self.step_times: list[float] = []
         self.step_counters: list[dict[str, int]] = []  # per step, the counters it changed and by how much
-        self._start = dataclasses.asdict(engine.scheduler.stats)
+        self._start = self._last = dataclasses.asdict(engine.scheduler.stats)
         self._start_compilations = num_step_compilations()
         self._start_xla_compilations = num_xla_compilations()
 
     def step(self) -> list[Request]:
-        before = dataclasses.asdict(self.engine.scheduler.stats)
         start = time.perf_counter()
         finished = self.engine.step()
         self.step_times.append(time.perf_counter() - start)
-        after = dataclasses.asdict(self.engine.scheduler.stats)
-        self.step_counters.append({name: after[name] - before[name] for name in after if after[name] != before[name]})
+        before, self._last = self._last, dataclasses.asdict(self.engine.scheduler.stats)
+        self.step_counters.append({name: now - before[name] for name, now in self._last.items() if now != before[name]})
         return finished
 
     def seconds_by_kind(self) -> dict[str, dict[str, float]]:
@@ -127,8 +132,7 @@ class StepMeter:
         return [{"step": i, "ms": 1000.0 * self.step_times[i], **self.step_counters[i]} for i in order]
 
     def counters(self) -> dict[str, int]:
-        now = dataclasses.asdict(self.engine.scheduler.stats)
-        return {name: now[name] - self._start[name] for name in now}
+        return {name: now - self._start[name] for name, now in self._last.items()}
 
     def bound(self, host_gb_per_s: float) -> dict[str, Any]:
         """The run's counters and its bandwidth bound on the gain over GPU-only (benchmark_metrics), with the

@@ -18,12 +18,11 @@ import numpy as np
 from tqdm import tqdm
 
 from bench_common import (
-    StepMeter, Workload, add_engine_arguments, add_workload_arguments, engine_from_args, host_read_gb_per_s,
+    StepMeter, Workload, add_engine_arguments, add_workload_arguments, engine_from_args, greedy, host_read_gb_per_s,
     machine_info, pool_sizes, scenario_name, write_json,
 )
 from neo_jax.benchmark_metrics import RequestTrace, format_bound, poisson_arrivals, summarize
 from neo_jax.engine import LLMEngine
-from neo_jax.sampling_params import SamplingParams
 
 
 def serve(engine: LLMEngine, prompts: list[list[int]], output_lens: list[int],
@@ -38,8 +37,7 @@ def serve(engine: LLMEngine, prompts: list[list[int]], output_lens: list[int],
         while next_arrival < len(prompts) or engine.has_unfinished_requests():
             now = time.perf_counter() - start
             while next_arrival < len(prompts) and arrivals[next_arrival] <= now:
-                params = SamplingParams(temperature=0.0, max_tokens=output_lens[next_arrival], ignore_eos=True)
-                request = engine.add_request(prompts[next_arrival], params)
+                request = engine.add_request(prompts[next_arrival], greedy(output_lens[next_arrival]))
                 live[request.request_id] = (traces[next_arrival], request)
                 next_arrival += 1
             if not engine.has_unfinished_requests():

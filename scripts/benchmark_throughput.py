@@ -4,8 +4,9 @@
         --input-len 1000 --output-len 300 --policy neo --gpu-kv-cache-gb 1.5 --output-json out.json
 
 The timed pass must measure serving, not XLA compilation (the JSON's `step_compilations` counts the step
-programs compiled during it, `xla_compilations` every XLA compile). `--warmup replay` (the default) first runs the same workload untimed: greedy requests that
-ignore EOS step through the very same shapes again (`--warmup-output-len N` cuts its outputs short).
+programs compiled during it, `xla_compilations` every XLA compile). `--warmup replay` (the default) first runs
+the same workload untimed: greedy requests that ignore EOS step through the very same shapes again
+(`--warmup-output-len N` cuts its outputs short).
 `--warmup compile` instead schedules the workload without running the model and compiles its step programs,
 `--compile-workers` at a time (`LLMEngine.compile_ahead`): no untimed run, but each program's first execution
 (loading it onto the device) falls into the timed pass.
@@ -19,16 +20,11 @@ import time
 from tqdm import tqdm
 
 from bench_common import (
-    StepMeter, Workload, add_engine_arguments, add_workload_arguments, engine_from_args, host_read_gb_per_s,
-    machine_info, pool_sizes, scenario_name, write_json,
+    StepMeter, Workload, add_engine_arguments, add_workload_arguments, engine_from_args, greedy,
+    host_read_gb_per_s, machine_info, pool_sizes, scenario_name, write_json,
 )
 from neo_jax.benchmark_metrics import format_bound
 from neo_jax.engine import LLMEngine
-from neo_jax.sampling_params import SamplingParams
-
-
-def greedy(output_len: int) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
 
 
 def run_requests(engine: LLMEngine, prompts: list[list[int]], output_lens: list[int],
