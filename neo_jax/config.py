@@ -139,7 +139,4 @@ class StepBuckets:
 
     @staticmethod
     def num_context(num_context_tokens: int, num_prefill_tokens: int) -> int:
-        size = num_prefill_tokens
-        while size < num_context_tokens:
-            size *= 2
-        return size
+        return power_of_two_at_least(num_context_tokens, num_prefill_tokens)

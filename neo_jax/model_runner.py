@@ -32,14 +32,14 @@ from neo_jax.step import model_step
 
 
 _num_traces = 0
-_num_traces_lock = threading.Lock()  # `compile` traces and compiles in several threads
+_counters_lock = threading.Lock()  # `compile` traces and compiles in several threads
 
 
 def _counted(step: Callable) -> Callable:
     def counted_step(*args):
         global _num_traces
         # Python here runs only while jit traces, once per new (shapes, statics), right before XLA compiles.
-        with _num_traces_lock:
+        with _counters_lock:
             _num_traces += 1
         return step(*args)
 
@@ -74,7 +74,7 @@ _num_xla_compilations = 0
 def _count_xla_compilation(event: str, seconds: float, **kwargs) -> None:
     global _num_xla_compilations
     if event == _BACKEND_COMPILE_EVENT:
-        with _num_traces_lock:
+        with _counters_lock:
             _num_xla_compilations += 1
 
 

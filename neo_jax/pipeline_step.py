@@ -183,6 +183,6 @@ def pipeline_step(params: llama.Params, kv_cache: KVCache, batch: PipelineBatch,
     final_hidden = jnp.concatenate([hidden0[sample_rows], hidden1])
     logits = llama.final_logits(params, config, final_hidden)
     if batch.swap_out_gpu_slots.shape[0]:  # the stores are pure to XLA: an output must read their token
-        logits = logits + jnp.sum(swapped).astype(logits.dtype) * 0
+        (logits,) = computed_after(swapped, mesh, logits, spec=P())
     tokens = sample(logits, sampling)
     return KVCache(k=k_blocks.reshape(cache_shape), v=v_blocks.reshape(cache_shape)), tokens, logits
