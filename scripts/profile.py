@@ -9,8 +9,9 @@ layers does), so the per-call time excludes Python dispatch. The CPU attention t
 of the CPU op on a host KV cache in the model's dtype. The handoff table is the extra time per layer of a
 jitted loop that sends each step's queries through `cpu_attention_start` / `cpu_attention_wait` (one token
 of context per request) over the same loop without them, less the CPU op's own time for those requests (the
-CPU attention table charges that; before 2026-11-30 the handoff counted it a second time). The table is saved where `load_cost_model` looks
-(NEO_JAX_COST_TABLES or ~/.cache/neo_jax/cost_tables, or --cost-table-dir) and, with --output, there too.
+CPU attention table charges that; before 2026-11-30 the handoff counted it a second time). The table is saved
+where `load_cost_model` looks (NEO_JAX_COST_TABLES or ~/.cache/neo_jax/cost_tables, or --cost-table-dir) and,
+with --output, there too.
 
 With --tensor-parallel-size N the table is that of N devices ("<gpu> xN", as a tensor-parallel engine looks it
 up): the linear layers run sharded over the N devices (their all-reduces included), and the GPU attention and
@@ -155,10 +156,8 @@ def measure_handoff(config: ModelConfig, pool: HostKvPool, num_requests: int, it
     q = jnp.full((num_requests, config.num_heads, config.head_dim), 0.01, config.dtype)
     with_s = seconds_per_iteration(with_handoff, q, (), iterations, repeats)
     round_trip_s = with_s - seconds_per_iteration(without_handoff, q, (), iterations, repeats)
-    q_host, host_tables, host_lens = np.asarray(q), np.asarray(tables), np.asarray(lens)
-    out = np.empty_like(q_host)
-    cpu_s = median_seconds(lambda: cpu_paged_decode_attention(q_host, pool.k_cache[0], pool.v_cache[0], host_tables,
-                                                              host_lens, out=out), repeats)
+    cpu_s = measure_cpu_decode_attention(config, pool.k_cache[0], pool.v_cache[0], num_requests, num_requests,
+                                         repeats)  # the same requests: one token each, blocks 0..n-1
     return max(0.0, round_trip_s - cpu_s)
 
 

@@ -12,9 +12,9 @@ LM head) came out up to 1.4e-6 apart for M = 2..32 and M = 64, and a one-row pro
 one rounded unlike the same row of wider products, while [M, 128] x [128, 128] agreed for every M tried; which
 op of a CPU row's path changes its bits was not isolated (a lone batch-1 request matches the plain step bit for
 bit). Batch-1 also runs its out-projection and MLP of layer l next to its QKV of layer l+1, which XLA fuses
-differently. So the rows of CPU decodes must agree to float32 rounding (the tokens are identical either way). On a GPU, where XLA fuses each program its own way, every row
-agrees to float32 rounding (2.7e-7 at most on the H100); matmuls run at "highest" precision there, since
-float32 matmuls default to TF32.
+differently. So the rows of CPU decodes must agree to float32 rounding (the tokens are identical either way).
+On a GPU, where XLA fuses each program its own way, every row agrees to float32 rounding (2.7e-7 at most on the
+H100); matmuls run at "highest" precision there, since float32 matmuls default to TF32.
 """
 
 from __future__ import annotations
