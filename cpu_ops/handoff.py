@@ -23,9 +23,10 @@ alone (an `optimization_barrier` did not hold a start back), so make the overlap
 The calls declare no side effect: an effect sends every call of the jitted function through JAX's Python
 dispatch (no C++ fast path); in an H200 profile that was most of the 13 ms by which a pipelined step with one
 CPU request outlasted the GPU-only step, whose GPU time it matched. So they are pure to XLA: a call
-whose result nothing reads is removed, and calls with identical operands may be merged. Pass each store's
-token on (a later call's `dep`, or into an output) and wait for every start; two starts need different
-operands (in practice they always differ in q or layer).
+whose result nothing reads is removed, calls with identical operands may be merged, and a value computed the
+same way every time (a loop-invariant token) may be folded to a constant. Pass each store's token on (a later
+call's `dep`, or into an output) and wait for every start; two starts need different operands (in practice
+they always differ in q or layer). A later write into blocks that a load read takes `token_after(rows)`.
 
 Padding: slot -1 is skipped by appends and stores (a load gives a zero row for it); a request with
 context length 0 gets a zero output row.
@@ -206,6 +207,11 @@ def host_kv_load(pool: HostKvPool, layer, slot_mapping, dep: jax.Array | None = 
     k_rows, v_rows = jax.ffi.ffi_call(_KV_LOAD, (rows, rows))(
         _index_array(op, "layer", layer, 0), slot_mapping, dep, pool_id=np.int64(pool.pool_id))
     return k_rows, v_rows
+
+
+def token_after(rows: jax.Array) -> jax.Array:
+    """An int32 [] token computed after `rows` (e.g. a load's): 0 x a float element, which XLA cannot fold."""
+    return (rows.reshape(-1)[0].astype(jnp.float32) * 0.0).astype(jnp.int32)
 
 
 def synchronize(timeout_s: float = 60.0) -> None:

@@ -26,7 +26,8 @@ Under tensor parallelism (a `mesh`) every host call and GPU attention runs per s
 Prefills whose KV goes to the host pool write it there layer by layer (`host_kv_store`) and attend on the GPU
 over context read back from the host (`host_kv_load`). Swaps between the pools run before the layers, one
 store or load per layer, so a request swapped this step already attends from its new pool: every CPU attention
-takes the swaps' token as an operand, and the GPU reads swapped-in rows through the cache they wrote.
+and host prefill takes the swaps' token (a swapped-in request's host blocks may already hold this step's new
+rows of another request), and the GPU reads swapped-in rows through the cache they wrote.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from neo_jax.attention import attend_context, decode_attention, read_slots, write_kv
-from neo_jax.cpu_ops.handoff import HostKvPool, PendingAttention, host_kv_load, host_kv_store
+from neo_jax.cpu_ops.handoff import HostKvPool, PendingAttention, host_kv_load, host_kv_store, token_after
 from neo_jax.kv_cache import KVCache
 from neo_jax.models import llama
 from neo_jax.models.config import ModelConfig
@@ -55,7 +56,8 @@ def swap_kv(pool: HostKvPool, k_blocks: jax.Array, v_blocks: jax.Array, batch: P
     """Copies the step's swap-outs (GPU -> host) and swap-ins (host -> GPU) of every layer; per shard, with
     pool_layers int32[L, 1] the shard's pool layer of each model layer.
 
-    Returns the caches and a token int32[1] that follows every store (the loads are followed by the caches)."""
+    Returns the caches and a token int32[1] that follows every store and load: the step's other host-pool writes
+    take it, since a swap-in's host blocks are free for them once the step is planned."""
     num_blocks = k_blocks.shape[0] // pool_layers.shape[0]
 
     def layer(carry: tuple[jax.Array, jax.Array, jax.Array], layers: tuple[jax.Array, jax.Array]):
@@ -67,6 +69,7 @@ def swap_kv(pool: HostKvPool, k_blocks: jax.Array, v_blocks: jax.Array, batch: P
             done = done + host_kv_store(pool, k_rows, v_rows, pool_layer, batch.swap_out_host_slots)
         if batch.swap_in_host_slots.shape[0]:
             k_rows, v_rows = host_kv_load(pool, pool_layer, batch.swap_in_host_slots, dep=done)
+            done = done + token_after(k_rows)
             k_blocks, v_blocks = write_kv(k_blocks, v_blocks, k_rows, v_rows, batch.swap_in_gpu_slots, block_offset)
         return (k_blocks, v_blocks, done), None
 
@@ -127,6 +130,7 @@ def pipeline_step(params: llama.Params, kv_cache: KVCache, batch: PipelineBatch,
     pool_layers = shard_pool_layers(jnp.arange(num_layers, dtype=jnp.int32)[:, None], mesh)  # [L, tp]
     gpu, share, batch1 = batch.gpu, batch.batch0_cpu, batch.batch1_cpu
     num_gpu_rows, has_share, has_batch1 = gpu.token_ids.shape[0], share.num_rows > 0, batch1.num_rows > 0
+    has_swaps = batch.swap_out_gpu_slots.shape[0] + batch.swap_in_host_slots.shape[0] > 0
     has_batch0 = num_gpu_rows > 0 or has_share
     hidden0 = llama.embed_tokens(params, config, jnp.concatenate([gpu.token_ids, share.token_ids]))
     positions0 = jnp.concatenate([gpu.positions, share.positions])
@@ -156,6 +160,8 @@ def pipeline_step(params: llama.Params, kv_cache: KVCache, batch: PipelineBatch,
             pending1 = start_batch1(hidden1, layer_index + 1) if starts_next else None
             continue
         q, k, v = llama.pre_attention(layer_params, config, hidden0, positions0)
+        if batch.has_host_prefills and has_swaps:  # the prefills' stores after the swaps
+            k, v = computed_after(swapped, mesh, k, v)
         gpu_done: Dependency = (q, HEADS_SPEC)
         if has_share:
             pending0 = start_cpu_attention(pool, mesh, q[num_gpu_rows:], k[num_gpu_rows:], v[num_gpu_rows:],

@@ -9,7 +9,10 @@ same context, for each C of `--cpu-batches`. Per C, three figures from the same 
 handoff_us_per_layer = (the step with one host-resident decode in batch-0's CPU share - the GPU-only step of
 batch-0) / layers: the start/wait cost alone. batch1_overhead_us_per_layer is the same with the request in
 batch-1, which also pays batch-1's own linear layers (a second read of the weights). overlap_ratio =
-pipeline_s / max(gpu_side_s, cpu_side_s). JSON goes to stdout and --output-json after every measurement.
+pipeline_s / max(gpu_side_s, cpu_side_s). Per length L of `--host-prefill-lens`, a step that prefills one
+L-token prompt into the GPU pool and the same step with its KV going to the host pool (each layer's rows
+stored there and its context read back): host_prefill_overhead_us_per_layer is their difference / layers.
+JSON goes to stdout and --output-json after every measurement.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--host-prefill-lens", type=int, nargs="*", default=[1024, 2048])
     parser.add_argument("--profile", action="store_true", help="trace the one-request steps (device time per kernel)")
     parser.add_argument("--trace-dir", help="with --profile: keep the traces in DIR/batch1 and DIR/share")
     parser.add_argument("--output-json")
@@ -64,11 +68,16 @@ def main() -> None:
     model_config, params = load_model(args.model, args.dtype, seed=0)
     max_cpu = max(args.cpu_batches)
     blocks_per_request = blocks_for(args.context, args.block_size)
+    max_prefill = max(args.host_prefill_lens, default=0)
+    max_model_len = max(args.context, max_prefill)
     config = EngineConfig(model=args.model, dtype=args.dtype, block_size=args.block_size, policy="cpu-all",
-                          max_num_seqs=args.gpu_batch + max_cpu, max_model_len=args.context)
-    num_gpu_blocks = (args.gpu_batch + max_cpu) * blocks_per_request + 1
-    host_pool = allocate_host_kv_pool(model_config, max_cpu * blocks_per_request + 1, args.block_size)
-    runner = ModelRunner(model_config, params, config, num_gpu_blocks, args.context, host_pool)
+                          max_num_seqs=args.gpu_batch + max_cpu, max_model_len=max_model_len,
+                          max_num_batched_tokens=max(EngineConfig.max_num_batched_tokens, max_prefill))
+    prefill_blocks = blocks_for(max_prefill, args.block_size)
+    num_gpu_blocks = (args.gpu_batch + max_cpu) * blocks_per_request + prefill_blocks + 1
+    host_pool = allocate_host_kv_pool(model_config, max_cpu * blocks_per_request + prefill_blocks + 1,
+                                      args.block_size)
+    runner = ModelRunner(model_config, params, config, num_gpu_blocks, max_model_len, host_pool)
     eos, rng, layers = model_config.eos_token_ids, np.random.default_rng(0), model_config.num_layers
     vocab = model_config.vocab_size
 
@@ -120,6 +129,26 @@ def main() -> None:
                 row["profile_share"] = profile_step(run_share, trace_dir=trace_dir("share"))
         results["pipeline"].append(row)
         print(row, flush=True)
+        write_json(args.output_json, results)
+    results["host_prefill"] = []
+    for length in args.host_prefill_lens:
+        gpu_prefill = make_chunks(BlockPool("gpu", num_gpu_blocks, args.block_size), 1, length, length, vocab, rng)
+        on_gpu = seconds_per_call(gpu_step(gpu_prefill), args.iters)
+        host_prefill = make_chunks(BlockPool("cpu", host_pool.num_blocks, args.block_size), 1, length, length,
+                                   vocab, rng)
+        schedule = PipelineSchedule(host_prefill, host_prefill_ids=frozenset({host_prefill[0].request.request_id}))
+        packed, rows = pack_pipeline_step(schedule, runner.block_size, runner.buckets)
+        sampling = pack_sampling(rows, eos)
+        run_host = lambda: runner.run_pipeline(packed, sampling)
+        on_host = seconds_per_call(run_host, args.iters)
+        row = {"prefill_len": length, "gpu_pool_s": on_gpu["step_s"], "host_pool_s": on_host["step_s"],
+               "host_pool_first_call_s": on_host["first_call_s"],
+               "host_prefill_overhead_us_per_layer": (on_host["step_s"] - on_gpu["step_s"]) / layers * 1e6}
+        if args.profile and length == max_prefill:
+            row["profile_host_prefill"] = profile_step(
+                run_host, trace_dir=args.trace_dir and os.path.join(args.trace_dir, "host_prefill"))
+        results["host_prefill"].append(row)
+        print({k: v for k, v in row.items() if not k.startswith("profile")}, flush=True)
         write_json(args.output_json, results)
 
 

@@ -54,35 +54,51 @@ def decodes(pool: BlockPool, first_id: int, count: int, vocab_size: int) -> list
     return chunks
 
 
-def pipeline_step_args(swap_out: bool, share: bool = True, batch1: bool = True) -> tuple:
+def pipeline_step_args(swap_out: bool, share: bool = True, batch1: bool = True, swap_in: bool = False,
+                       host_prefill: bool = False) -> tuple:
     """The arguments of `jitted_pipeline_step` for a step with GPU decodes, a CPU share (unless not `share`) and
     batch-1 (unless not `batch1`); with `swap_out`, a request's KV is copied from the GPU pool to the host pool
-    before the layers (batch-1's first request, which then attends from there)."""
+    before the layers (batch-1's first request, which then attends from there); with `swap_in`, the first GPU
+    decode's KV comes from the host pool; with `host_prefill`, a prompt is prefilled into the host pool."""
     model_config, params = load_model("tiny", "float32", seed=0)
     config = EngineConfig("tiny", dtype="float32", policy="cpu-all", block_size=BLOCK_SIZE, max_model_len=32,
                           max_num_seqs=8)
-    num_blocks = 4 * blocks_for(CONTEXT, BLOCK_SIZE) + 1
+    num_blocks = 6 * blocks_for(CONTEXT, BLOCK_SIZE) + 1
     host_pool = allocate_host_kv_pool(model_config, num_blocks, BLOCK_SIZE)
     runner = ModelRunner(model_config, params, config, num_blocks, 32, host_pool)
     vocab = model_config.vocab_size
     gpu_blocks, host_blocks = BlockPool("gpu", num_blocks, BLOCK_SIZE), BlockPool("cpu", num_blocks, BLOCK_SIZE)
+    gpu_chunks = decodes(gpu_blocks, 0, GPU_ROWS, vocab)
     batch1_chunks = decodes(host_blocks, 20, BATCH1_ROWS, vocab)
-    moves = []
+    moves_out, moves_in = [], []
     if swap_out:
         gpu_copy = decodes(gpu_blocks, 30, 1, vocab)[0].request
-        moves.append(KvMove(batch1_chunks[0].request, source_table=gpu_copy.block_table,
-                            target_table=batch1_chunks[0].request.block_table, num_tokens=CONTEXT - 1))
-    schedule = PipelineSchedule(decodes(gpu_blocks, 0, GPU_ROWS, vocab),
+        moves_out.append(KvMove(batch1_chunks[0].request, source_table=gpu_copy.block_table,
+                                target_table=batch1_chunks[0].request.block_table, num_tokens=CONTEXT - 1))
+    if swap_in:
+        host_copy = decodes(host_blocks, 40, 1, vocab)[0].request
+        moves_in.append(KvMove(gpu_chunks[0].request, source_table=host_copy.block_table,
+                               target_table=gpu_chunks[0].request.block_table, num_tokens=CONTEXT - 1))
+    host_prefill_ids = frozenset()
+    if host_prefill:
+        prompt = Request(50, list(range(3, 3 + CONTEXT)), SamplingParams(temperature=0.0, max_tokens=1), seed=0)
+        host_blocks.grow(prompt, CONTEXT)
+        gpu_chunks.append(ScheduledChunk(prompt, CONTEXT))
+        host_prefill_ids = frozenset({prompt.request_id})
+    schedule = PipelineSchedule(gpu_chunks, host_prefill_ids=host_prefill_ids,
                                 batch0_cpu_chunks=decodes(host_blocks, 10, SHARE_ROWS, vocab) if share else [],
-                                batch1_cpu_chunks=batch1_chunks if batch1 else [], swap_out=moves)
+                                batch1_cpu_chunks=batch1_chunks if batch1 else [], swap_out=moves_out,
+                                swap_in=moves_in)
     batch, rows = pack_pipeline_step(schedule, BLOCK_SIZE, runner.buckets)
     sampling = pack_sampling(rows, model_config.eos_token_ids)
     return params, runner.kv_cache, batch, sampling, model_config, host_pool
 
 
-def compile_pipeline_step(swap_out: bool, share: bool = True, batch1: bool = True) -> str:
+def compile_pipeline_step(swap_out: bool, share: bool = True, batch1: bool = True, swap_in: bool = False,
+                          host_prefill: bool = False) -> str:
     """The compiled HLO of the step of `pipeline_step_args`."""
-    return jitted_pipeline_step.lower(*pipeline_step_args(swap_out, share, batch1)).compile().as_text()
+    args = pipeline_step_args(swap_out, share, batch1, swap_in, host_prefill)
+    return jitted_pipeline_step.lower(*args).compile().as_text()
 
 
 def entry_lines(hlo: str) -> list[str]:
@@ -204,20 +220,45 @@ def test_gpu_attention_reads_the_tokens_of_the_starts_it_overlaps(share):
             assert reaches(operands, attention, {starts[SHARE_ROWS, layer]}), ("share", layer)
 
 
+def loops_calling(hlo: str, lines: list[str], target: str) -> set[str]:
+    """The entry computation's instructions (the swaps' loop) whose called computation runs custom call `target`."""
+    computations = {name for name in re.findall(r"\n(%[\w.\-]+) [^\n]*\{\n", hlo)
+                    if f'custom_call_target="{target}"' in computation_text(hlo, name)}
+    operands = operands_by_instruction(lines)
+    return {name for name, ops in operands.items() if any(op in computations for op in ops)}
+
+
+def custom_calls(lines: list[str], target: str) -> list[str]:
+    return [instruction_name(line) for line in lines if f'custom_call_target="{target}"' in line]
+
+
 def test_cpu_attention_starts_after_the_swap_out_stores():
     """A request swapped out this step attends on the CPU in the same step: every start must read the swap's
     token, since XLA orders custom calls by their operands alone (an optimization_barrier did not)."""
     hlo = compile_pipeline_step(swap_out=True)
     lines = entry_lines(hlo)
-    operands = operands_by_instruction(lines)
-    store_computations = {name for name in re.findall(r"\n(%[\w.\-]+) [^\n]*\{\n", hlo)
-                          if 'custom_call_target="neo_host_kv_store"' in computation_text(hlo, name)}
-    swap_loops = {name for name, ops in operands.items() if any(op in store_computations for op in ops)}
+    swap_loops = loops_calling(hlo, lines, "neo_host_kv_store")
     assert swap_loops, "the swap-out's stores are not in the entry computation's loops"
-    starts = [instruction_name(line) for line in lines if 'custom_call_target="neo_cpu_attention_start"' in line]
+    starts = custom_calls(lines, "neo_cpu_attention_start")
     assert len(starts) == 2 * PRESETS["tiny"].num_layers
-    assert all(reaches(operands, start, swap_loops) for start in starts)
+    assert all(reaches(operands_by_instruction(lines), start, swap_loops) for start in starts)
 
+
+@pytest.mark.parametrize("batch1", [True, False])
+def test_host_pool_writes_follow_the_swap_in_loads(batch1):
+    """A swap-in frees its host blocks when the step is planned, so the step's own host-pool writes (the starts'
+    appends of new decode tokens, a host prefill's stores) may land in them: each must follow the loads in data.
+    The GPU ran such a write first (a swapped-in request's logits were off by 0.1 on the H200): with no
+    swap-out, the swaps' token was a loop-invariant zero, which XLA folded out of the starts' operands."""
+    hlo = compile_pipeline_step(swap_out=False, batch1=batch1, swap_in=True, host_prefill=True)
+    lines = entry_lines(hlo)
+    swap_loops = loops_calling(hlo, lines, "neo_host_kv_load")
+    assert swap_loops, "the swap-in's loads are not in the entry computation's loops"
+    writers = custom_calls(lines, "neo_cpu_attention_start") + custom_calls(lines, "neo_host_kv_store")
+    num_layers = PRESETS["tiny"].num_layers
+    assert len(writers) == (3 if batch1 else 2) * num_layers
+    operands = operands_by_instruction(lines)
+    assert [w for w in writers if not reaches(operands, w, swap_loops)] == []
 
 
 def test_swap_out_stores_stay_in_a_step_without_cpu_attention():
