@@ -1,8 +1,8 @@
 """Paged KV bookkeeping: one `BlockPool` per memory (GPU now, host memory for the NEO pipeline).
 
 A pool hands out block ids of one KV cache array. Block 0 is never handed out: it is the scratch block that
-padding tokens of a step write into and that padded block-table entries point at, so padded shapes need no
-masks on the write side and never touch a live request's KV.
+padding tokens of a step are aimed at (the GPU cache's `write_kv` drops their writes) and that padded
+block-table entries point at, so padded shapes need no masks and never touch a live request's KV.
 """
 
 from __future__ import annotations
