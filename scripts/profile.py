@@ -7,9 +7,9 @@ Only ONE decoder layer's random parameters are built. Every GPU timing runs its 
 times inside one jitted program (a `fori_loop` whose carry feeds the next call, as the engine's scan over
 layers does), so the per-call time excludes Python dispatch. The CPU attention table times the NumPy entry
 of the CPU op on a host KV cache in the model's dtype. The handoff table is the extra time per layer of a
-jitted loop that sends each step's queries through `cpu_attention_start` / `cpu_attention_wait` (one token
-of context per request) over the same loop without them, less the CPU op's own time for those requests (the
-CPU attention table charges that; before 2026-11-30 the handoff counted it a second time). The table is saved
+jitted loop of decoder layers some of whose rows attend on the CPU through `cpu_attention_start` /
+`cpu_attention_wait` (one token of context per request) over the same loop without them, less the CPU op's own
+time for those requests (the CPU attention table charges that). The table is saved
 where `load_cost_model` looks (NEO_JAX_COST_TABLES or ~/.cache/neo_jax/cost_tables, or --cost-table-dir) and,
 with --output, there too.
 
@@ -42,6 +42,7 @@ from neo_jax.kernels.paged_attention import paged_decode_attention
 from neo_jax.model_runner import STEP_COMPILER_OPTIONS
 from neo_jax.models.config import ModelConfig, get_config
 from neo_jax.models.llama import init_layer_params, post_attention, pre_attention
+from neo_jax.sharded_host_attention import computed_after
 from neo_jax.sharding import LAYER_SPECS, check_tensor_parallel_size, make_mesh, named_shardings
 
 NUMPY_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
@@ -139,26 +140,36 @@ def measure_cpu_decode_attention(config: ModelConfig, k_cache: np.ndarray, v_cac
 
 
 def measure_handoff(config: ModelConfig, pool: HostKvPool, num_requests: int, iterations: int,
-                    repeats: int) -> float:
-    """Extra seconds per call of a start/wait round trip on `num_requests` one-token requests, beyond the CPU op's
-    own time for them (which the CPU attention table already charges)."""
+                    repeats: int, gpu_rows: int = 16) -> float:
+    """Extra seconds per layer when `num_requests` of a layer's rows (one token of context each) attend on the CPU
+    through `cpu_attention_start` / `cpu_attention_wait` around the layer's GPU work, as in the step, over the same
+    layer without them, less the CPU op's own time for those requests (the CPU attention table charges that).
+
+    The layer is a decoder layer of `gpu_rows` + `num_requests` tokens (one shard's heads): timed bare (no layer
+    around the calls), the round trip beyond the CPU op was 64 us on the H200, a third of what it added to a
+    step there (~195 us per layer), where the GPU drains to each start and the CPU's workers idle between layers."""
+    layer_params = jax.jit(init_layer_params, static_argnums=0)(config, jax.random.key(8))
     block_size = pool.block_size
     slots = jnp.arange(num_requests, dtype=jnp.int32) * block_size
     tables = jnp.arange(num_requests, dtype=jnp.int32)[:, None]
     lens = jnp.ones((num_requests,), jnp.int32)
+    positions = jnp.zeros((gpu_rows + num_requests,), jnp.int32)
 
-    def with_handoff(q: jax.Array) -> jax.Array:
-        kv = q[:, :config.num_kv_heads].astype(pool.dtype)
-        pending = cpu_attention_start(pool, q, kv, kv, 0, slots, tables, lens)
-        return (q + cpu_attention_wait(pending, q)) * 0.5
+    def layer(hidden: jax.Array, params: dict, handoff: bool) -> jax.Array:
+        q, k, v = pre_attention(params, config, hidden, positions)
+        if handoff:
+            pending = cpu_attention_start(pool, q[gpu_rows:], k[gpu_rows:].astype(pool.dtype),
+                                          v[gpu_rows:].astype(pool.dtype), 0, slots, tables, lens)
+            (q,) = computed_after(pending.token[None], None, q)  # the GPU work follows the start
+            q = jnp.concatenate([q[:gpu_rows], cpu_attention_wait(pending, q)])
+        return post_attention(params, config, hidden, q)
 
-    without_handoff = lambda q: (q + q) * 0.5
-    q = jnp.full((num_requests, config.num_heads, config.head_dim), 0.01, config.dtype)
-    with_s = seconds_per_iteration(with_handoff, q, (), iterations, repeats)
-    round_trip_s = with_s - seconds_per_iteration(without_handoff, q, (), iterations, repeats)
+    hidden = jax.random.normal(jax.random.key(9), (gpu_rows + num_requests, config.hidden_size), config.dtype)
+    with_s = seconds_per_iteration(lambda h, p: layer(h, p, True), hidden, (layer_params,), iterations, repeats)
+    without_s = seconds_per_iteration(lambda h, p: layer(h, p, False), hidden, (layer_params,), iterations, repeats)
     cpu_s = measure_cpu_decode_attention(config, pool.k_cache[0], pool.v_cache[0], num_requests, num_requests,
                                          repeats)  # the same requests: one token each, blocks 0..n-1
-    return max(0.0, round_trip_s - cpu_s)
+    return max(0.0, with_s - without_s - cpu_s)
 
 
 def grids(quick: bool, context_len: int) -> dict[str, list[int]]:
