@@ -50,7 +50,7 @@ def seconds_per_call(run: Callable[[], Any], iters: int) -> dict[str, float]:
     return {"step_s": (time.perf_counter() - start) / iters, "first_call_s": first_call_s}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="llama-3-8b")
     parser.add_argument("--dtype", default="bfloat16")
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="trace the one-request steps (device time per kernel)")
     parser.add_argument("--trace-dir", help="with --profile: keep the traces in DIR/batch1 and DIR/share")
     parser.add_argument("--output-json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     model_config, params = load_model(args.model, args.dtype, seed=0)
     max_cpu = max(args.cpu_batches)
@@ -150,6 +150,7 @@ def main() -> None:
         results["host_prefill"].append(row)
         print({k: v for k, v in row.items() if not k.startswith("profile")}, flush=True)
         write_json(args.output_json, results)
+    return results
 
 
 if __name__ == "__main__":
