@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--model", default="llama-3-8b")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--gpu-batch", type=int, default=64)
-    parser.add_argument("--cpu-batches", type=int, nargs="+", default=[1, 16, 64, 128, 256])
+    parser.add_argument("--cpu-batches", type=int, nargs="+", default=[1, 4, 8, 16, 64, 128, 256])
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--iters", type=int, default=10)

@@ -133,7 +133,10 @@ void ThreadPool::worker_loop(int worker, int cpu) {
     if (epoch != seen) {
       seen = epoch;
       Job job;
-      if (snapshot(epoch, job)) run_tasks(epoch, job, worker);
+      if (snapshot(epoch, job)) {
+        wake_one_if_tasks_left(epoch, job.num_tasks);
+        run_tasks(epoch, job, worker);
+      }
       continue;
     }
     auto spin_until = Clock::now() + std::chrono::microseconds(spin_us_);
@@ -152,6 +155,14 @@ void ThreadPool::worker_loop(int worker, int cpu) {
   }
 }
 
+void ThreadPool::wake_one_if_tasks_left(uint32_t epoch, int64_t num_tasks) {
+  if (sleepers_.load(std::memory_order_seq_cst) == 0) return;
+  uint64_t work = work_.load(std::memory_order_acquire);
+  if (epoch_of(work) != epoch || index_of(work) + 1 >= num_tasks) return;  // the waker takes the last one
+  std::lock_guard<std::mutex> lock(sleep_mutex_);
+  wake_.notify_one();
+}
+
 void ThreadPool::parallel_for(int64_t num_tasks,
                               const std::function<void(int64_t task, int worker)>& task) {
   if (num_tasks <= 0) return;
@@ -166,10 +177,7 @@ void ThreadPool::parallel_for(int64_t num_tasks,
   tasks_done_.store(0, std::memory_order_relaxed);
   error_ = nullptr;
   work_.store(static_cast<uint64_t>(epoch) << 32, std::memory_order_seq_cst);
-  if (sleepers_.load(std::memory_order_seq_cst) > 0) {
-    std::lock_guard<std::mutex> lock(sleep_mutex_);
-    wake_.notify_all();
-  }
+  wake_one_if_tasks_left(epoch, num_tasks);
   run_tasks(epoch, Job{&task, num_tasks}, 0);
   for (int spins = 0; tasks_done_.load(std::memory_order_acquire) < num_tasks; ++spins) {
     if (spins < 100000) {

@@ -1,6 +1,11 @@
 // A pool of pinned worker threads for the CPU attention op. The calling thread works too, so a pool
 // of N threads starts N-1 workers. Workers spin for a short while after each call (the op runs once
 // per layer, so the next call usually comes soon), then sleep on a condition variable. No OpenMP.
+// Sleepers are woken in a chain: the caller wakes one and starts on the tasks, each woken worker wakes
+// the next while tasks are left. Waking them all from the caller put every wake-up (a futex call, and
+// in a VM an interrupt to an idle vCPU) ahead of the call's first task: on the H200 host, the time a
+// one-request CPU attention added to a pipelined step fell from 425 to 170 us per layer going from 32
+// threads to 16.
 #pragma once
 
 #include <atomic>
@@ -60,6 +65,8 @@ class ThreadPool {
   // Takes and runs tasks of the call `epoch` until none is left.
   void run_tasks(uint32_t epoch, const Job& job, int worker);
   bool snapshot(uint32_t epoch, Job& job) const;
+  // Wakes one sleeping worker if the call `epoch` has a task left beyond the one the waker takes next.
+  void wake_one_if_tasks_left(uint32_t epoch, int64_t num_tasks);
 
   bool pin_;
   int spin_us_;
