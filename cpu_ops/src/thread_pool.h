@@ -3,9 +3,9 @@
 // per layer, so the next call usually comes soon), then sleep on a condition variable. No OpenMP.
 // Sleepers are woken in a chain: the caller wakes one and starts on the tasks, each woken worker wakes
 // the next while tasks are left. Waking them all from the caller put every wake-up (a futex call, and
-// in a VM an interrupt to an idle vCPU) ahead of the call's first task: on the H200 host, the time a
-// one-request CPU attention added to a pipelined step fell from 425 to 170 us per layer going from 32
-// threads to 16.
+// in a VM an interrupt to an idle vCPU) ahead of the call's first task, a likely reason why on the H200
+// host the time a one-request CPU attention added to a pipelined step fell from 425 to 170 us per layer
+// going from 32 threads to 16.
 #pragma once
 
 #include <atomic>
