@@ -1,7 +1,7 @@
 // The handoff custom calls, each registered under one name for platform "cpu" (computes in place,
 // synchronously) and "CUDA" (hands off to the CPU on a side stream, see handoff_cuda.h):
 //   neo_cpu_attention_start(q, k_new, v_new, layer, slot_mapping, block_tables, context_lens, dep) -> token
-//   neo_cpu_attention_wait(token, dep, <the seven start operands, kept alive>) -> out
+//   neo_cpu_attention_wait(token, dep) -> out
 //   neo_host_kv_store(k_rows, v_rows, layer, slot_mapping) -> token
 //   neo_host_kv_load(layer, slot_mapping, dep) -> (k_rows, v_rows)
 // Every call has the attribute pool_id (int64). Tokens are int32 scalars holding the call's number.
