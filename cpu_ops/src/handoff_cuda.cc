@@ -83,7 +83,6 @@ void CudaHandoff::retire_finished() {
       staging_.release_event(call.retire);
     }
     if (call.prefetched != nullptr) staging_.release_event(call.prefetched);
-    if (call.copied != nullptr) staging_.release_event(call.copied);
     staging_.release(call.staging);
     it = in_flight_.erase(it);
   }
@@ -123,22 +122,27 @@ void CudaHandoff::start_attention(CUstream xla, std::shared_ptr<HostKvPool> pool
   StagingLayout layout;
   std::vector<size_t> offsets;
   for (const ffi::AnyBuffer& operand : operands) offsets.push_back(layout.add(operand.size_bytes()));
+  size_t operand_bytes = layout.size();
   size_t out_offset = layout.add(shape.q_bytes());
-  std::shared_ptr<Call> call = new_call(pool, layout.size(), shape.q_bytes());
+  std::shared_ptr<Call> call = new_call(pool, layout.size(), layout.size());
   call->prefetched = staging_.acquire_event();
-  call->copied = staging_.acquire_event();
+  call->out_offset = out_offset;
   call->out_bytes = shape.q_bytes();
 
+  for (size_t i = 0; i < operands.size(); ++i) {
+    if (operands[i].size_bytes() == 0) continue;
+    check(cuda_.cuMemcpyDtoDAsync(call->staging.device + offsets[i], device_address(operands[i].untyped_data()),
+                                  operands[i].size_bytes(), xla),
+          "cuMemcpyDtoDAsync");
+  }
   follow_xla(xla, to_host_);
-  for (size_t i = 0; i < operands.size(); ++i)
-    copy_to_host(*call, operands[i].untyped_data(), offsets[i], operands[i].size_bytes());
+  check(cuda_.cuMemcpyDtoHAsync(call->staging.host, call->staging.device, operand_bytes, to_host_),
+        "cuMemcpyDtoHAsync");
   ring_doorbell(*call);
-  check(cuda_.cuEventRecord(call->copied, to_host_), "cuEventRecord");
-  check(cuda_.cuStreamWaitEvent(xla, call->copied, 0), "cuStreamWaitEvent");
   check(cuda_.cuStreamWaitValue32(from_host_, done_device_, call->seq, kStreamWaitValueGeq),
         "cuStreamWaitValue32");
   if (call->out_bytes > 0)
-    check(cuda_.cuMemcpyHtoDAsync(call->staging.device, call->staging.host + out_offset,
+    check(cuda_.cuMemcpyHtoDAsync(call->staging.device + out_offset, call->staging.host + out_offset,
                                   call->out_bytes, from_host_),
           "cuMemcpyHtoDAsync");
   check(cuda_.cuEventRecord(call->prefetched, from_host_), "cuEventRecord");
@@ -174,7 +178,7 @@ void CudaHandoff::wait_attention(CUstream xla, const void* token, ffi::AnyBuffer
                                 " bytes, the started call produces " + std::to_string(call->out_bytes));
   check(cuda_.cuStreamWaitEvent(xla, call->prefetched, 0), "cuStreamWaitEvent");
   if (call->out_bytes > 0)
-    check(cuda_.cuMemcpyDtoDAsync(device_address(out.untyped_data()), call->staging.device,
+    check(cuda_.cuMemcpyDtoDAsync(device_address(out.untyped_data()), call->staging.device + call->out_offset,
                                   call->out_bytes, xla),
           "cuMemcpyDtoDAsync");
   check(cuda_.cuEventRecord(call->retire, xla), "cuEventRecord");
