@@ -71,15 +71,18 @@ class CpuDecodes:
 
 
 @functools.partial(jax.tree_util.register_dataclass, meta_fields=[], data_fields=[
-    "gpu", "host_prefill_slots", "host_context_slots", "batch0_cpu", "batch1_cpu", "swap_out_gpu_slots",
-    "swap_out_host_slots", "swap_in_host_slots", "swap_in_gpu_slots"])
+    "gpu", "host_prefill_slots", "host_chunk_rows", "host_context_slots", "batch0_cpu", "batch1_cpu",
+    "swap_out_gpu_slots", "swap_out_host_slots", "swap_in_host_slots", "swap_in_gpu_slots"])
 @dataclasses.dataclass
 class PipelineBatch:
     """Both micro-batches and the step's pool-to-pool copies (P prefill tokens, S context entries, W, Z rows)."""
 
     gpu: StepBatch                  # batch-0's GPU decodes and prefills; host-pool tokens write scratch slot 0
     host_prefill_slots: jax.Array   # int32[P] host slot of each prefill token whose KV goes to the host, else -1
-    host_context_slots: jax.Array   # int32[S] host slot of each gathered context entry held there, else -1
+    host_chunk_rows: jax.Array      # int32[S] for a context entry of a host prefill's own chunk: its prefill
+                                    #   token (its K/V is on the GPU this step), else -1
+    host_context_slots: jax.Array   # int32[S or 0] host slot of each entry of a host prefill's prefix (earlier
+                                    #   chunks, read back from the host), else -1; empty when no prefix
     batch0_cpu: CpuDecodes          # batch-0's share of host-resident decodes
     batch1_cpu: CpuDecodes          # batch-1
     swap_out_gpu_slots: jax.Array   # int32[W] read from the GPU pool ...
@@ -133,9 +136,12 @@ def pack_pipeline_step(schedule: PipelineSchedule, block_size: int,
     """The padded arrays of a pipeline step and the request each sampled row belongs to (None: discard)."""
     gpu, gpu_sampled = pack_step(schedule.gpu_chunks, block_size, buckets)
     num_prefill_tokens, num_context = gpu.prefill_request_ids.shape[0], gpu.context_slots.shape[0]
-    host_prefill_slots = np.full(num_prefill_tokens if schedule.host_prefill_ids else 0, NO_HOST_SLOT, np.int32)
-    host_context_slots = np.full(num_context if schedule.host_prefill_ids else 0, NO_HOST_SLOT, np.int32)
     _, prefills = split_chunks(schedule.gpu_chunks)
+    host_prefills = [c for c in prefills if c.request.request_id in schedule.host_prefill_ids]
+    host_prefill_slots = np.full(num_prefill_tokens if host_prefills else 0, NO_HOST_SLOT, np.int32)
+    host_chunk_rows = np.full(num_context if host_prefills else 0, -1, np.int32)
+    has_prefix = any(c.start > 0 for c in host_prefills)
+    host_context_slots = np.full(num_context if has_prefix else 0, NO_HOST_SLOT, np.int32)
     num_decode_rows = gpu.num_decodes
     for chunk, token_slice, context_slice in prefill_spans(prefills, num_decode_rows):
         if chunk.request.request_id not in schedule.host_prefill_ids:
@@ -143,12 +149,15 @@ def pack_pipeline_step(schedule: PipelineSchedule, block_size: int,
         prefill_slice = slice(token_slice.start - num_decode_rows, token_slice.stop - num_decode_rows)
         host_prefill_slots[prefill_slice] = gpu.slot_mapping[token_slice]
         gpu.slot_mapping[token_slice] = 0
-        host_context_slots[context_slice] = gpu.context_slots[context_slice]
+        prefix = slice(context_slice.start, context_slice.start + chunk.start)
+        if has_prefix:
+            host_context_slots[prefix] = gpu.context_slots[prefix]
+        host_chunk_rows[prefix.stop:context_slice.stop] = np.arange(prefill_slice.start, prefill_slice.stop)
         gpu.context_slots[context_slice] = 0
     batch0_cpu, batch0_sampled = pack_cpu_decodes(schedule.batch0_cpu_chunks, block_size, buckets)
     batch1_cpu, batch1_sampled = pack_cpu_decodes(schedule.batch1_cpu_chunks, block_size, buckets)
     swap_out_gpu, swap_out_host = pack_moves(schedule.swap_out, block_size, 0, NO_HOST_SLOT)
     swap_in_host, swap_in_gpu = pack_moves(schedule.swap_in, block_size, NO_HOST_SLOT, 0)
-    batch = PipelineBatch(gpu, host_prefill_slots, host_context_slots, batch0_cpu, batch1_cpu,
+    batch = PipelineBatch(gpu, host_prefill_slots, host_chunk_rows, host_context_slots, batch0_cpu, batch1_cpu,
                           swap_out_gpu, swap_out_host, swap_in_host, swap_in_gpu)
     return batch, gpu_sampled + batch0_sampled + batch1_sampled

@@ -24,10 +24,11 @@ Under tensor parallelism (a `mesh`) every host call and GPU attention runs per s
 `neo_jax.sharded_host_attention`; without one the same code runs on one device.
 
 Prefills whose KV goes to the host pool write it there layer by layer (`host_kv_store`) and attend on the GPU
-over context read back from the host (`host_kv_load`). Swaps between the pools run before the layers, one
-store or load per layer, so a request swapped this step already attends from its new pool: every CPU attention
-and host prefill takes the swaps' token (a swapped-in request's host blocks may already hold this step's new
-rows of another request), and the GPU reads swapped-in rows through the cache they wrote.
+over their chunk's own K/V and the earlier chunks' context, read back from the host (`host_kv_load`). Swaps
+between the pools run before the layers, one store or load per layer, so a request swapped this step already
+attends from its new pool: every CPU attention and host prefill takes the swaps' token (a swapped-in request's
+host blocks may already hold this step's new rows of another request), and the GPU reads swapped-in rows
+through the cache they wrote.
 """
 
 from __future__ import annotations
@@ -93,26 +94,41 @@ def wait_cpu_attention(pending: PendingAttention, dependency: Dependency, mesh: 
 
 def batch0_gpu_attention(pool: HostKvPool, q: jax.Array, k: jax.Array, v: jax.Array, k_blocks: jax.Array,
                          v_blocks: jax.Array, batch: PipelineBatch, pool_layer: jax.Array,
-                         block_offset: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+                         block_offset: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Batch-0's GPU rows q/k/v [B + P, ...]: KV writes to both pools, paged decode and prefill attention; per
-    shard, with pool_layer int32[1] the shard's pool layer. Returns the caches and the output."""
+    shard, with pool_layer int32[1] the shard's pool layer. Returns the caches, the output and a token int32[1]
+    of the host prefills' stores (0 without any), which an output of the step must read to keep them."""
     gpu = batch.gpu
     num_decodes = gpu.num_decodes
     k_blocks, v_blocks = write_kv(k_blocks, v_blocks, k, v, gpu.slot_mapping, block_offset)
-    parts = []
+    parts, stored = [], jnp.zeros((), jnp.int32)
     if num_decodes:
         parts.append(decode_attention(q[:num_decodes], k_blocks, v_blocks, gpu, block_offset))
     if q.shape[0] > num_decodes:
         k_context, v_context = read_slots(k_blocks, v_blocks, gpu.context_slots, block_offset)
         if batch.has_host_prefills:
-            stored = host_kv_store(pool, k[num_decodes:].astype(pool.dtype), v[num_decodes:].astype(pool.dtype),
-                                   pool_layer[0], batch.host_prefill_slots)
-            k_host, v_host = host_kv_load(pool, pool_layer[0], batch.host_context_slots, dep=stored)
-            on_host = (batch.host_context_slots != NO_HOST_SLOT)[:, None, None]
-            k_context = jnp.where(on_host, k_host.astype(k_context.dtype), k_context)
-            v_context = jnp.where(on_host, v_host.astype(v_context.dtype), v_context)
+            k_context, v_context, stored = host_prefill_context(pool, k[num_decodes:], v[num_decodes:], k_context,
+                                                                v_context, batch, pool_layer[0])
         parts.append(attend_context(q[num_decodes:], k_context, v_context, gpu))
-    return k_blocks, v_blocks, parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+    return k_blocks, v_blocks, parts[0] if len(parts) == 1 else jnp.concatenate(parts), stored[None]
+
+
+def host_prefill_context(pool: HostKvPool, k: jax.Array, v: jax.Array, k_context: jax.Array, v_context: jax.Array,
+                         batch: PipelineBatch, pool_layer: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Stores the host prefills' new rows k/v [P, Hkv, Dh] in the pool and puts their context into k/v_context
+    [S, Hkv, Dh]: the chunk's own rows from k/v, an earlier chunk's read back from the pool. Also returns the
+    stores' token."""
+    stored = host_kv_store(pool, k.astype(pool.dtype), v.astype(pool.dtype), pool_layer, batch.host_prefill_slots)
+    rows = batch.host_chunk_rows
+    in_chunk = (rows >= 0)[:, None, None]
+    k_context = jnp.where(in_chunk, k[jnp.maximum(rows, 0)].astype(k_context.dtype), k_context)
+    v_context = jnp.where(in_chunk, v[jnp.maximum(rows, 0)].astype(v_context.dtype), v_context)
+    if batch.host_context_slots.shape[0]:
+        k_host, v_host = host_kv_load(pool, pool_layer, batch.host_context_slots, dep=stored)
+        on_host = (batch.host_context_slots != NO_HOST_SLOT)[:, None, None]
+        k_context = jnp.where(on_host, k_host.astype(k_context.dtype), k_context)
+        v_context = jnp.where(on_host, v_host.astype(v_context.dtype), v_context)
+    return k_context, v_context, stored
 
 
 def pipeline_step(params: llama.Params, kv_cache: KVCache, batch: PipelineBatch, sampling: SamplingBatch,
@@ -139,10 +155,11 @@ def pipeline_step(params: llama.Params, kv_cache: KVCache, batch: PipelineBatch,
                             in_specs=(KV_BLOCKS_SPEC, KV_BLOCKS_SPEC, P(), P(None, TP_AXIS)),
                             out_specs=(KV_BLOCKS_SPEC, KV_BLOCKS_SPEC, SHARD_SPEC))
     k_blocks, v_blocks, swapped = swap(k_blocks, v_blocks, batch, pool_layers)
+    host_stores = jnp.zeros_like(swapped)  # int32[tp], the host prefills' stores
     gpu_attention = shard_over_heads(
         lambda *args: batch0_gpu_attention(pool, *args), mesh,
         in_specs=(HEADS_SPEC, HEADS_SPEC, HEADS_SPEC, KV_BLOCKS_SPEC, KV_BLOCKS_SPEC, P(), SHARD_SPEC, P()),
-        out_specs=(KV_BLOCKS_SPEC, KV_BLOCKS_SPEC, HEADS_SPEC))
+        out_specs=(KV_BLOCKS_SPEC, KV_BLOCKS_SPEC, HEADS_SPEC, SHARD_SPEC))
 
     def start_batch1(hidden1: jax.Array, layer_index: int) -> PendingAttention:
         q, k, v = llama.pre_attention(params["layers"][layer_index], config, hidden1, batch1.positions)
@@ -170,9 +187,10 @@ def pipeline_step(params: llama.Params, kv_cache: KVCache, batch: PipelineBatch,
             gpu_done = (pending0.token, SHARD_SPEC)
         attn0 = jnp.zeros((0, *q.shape[1:]), q.dtype)
         if num_gpu_rows:
-            k_blocks, v_blocks, attn0 = gpu_attention(q[:num_gpu_rows], k[:num_gpu_rows], v[:num_gpu_rows],
-                                                      k_blocks, v_blocks, batch, pool_layers[layer_index],
-                                                      block_offset)
+            k_blocks, v_blocks, attn0, stored = gpu_attention(q[:num_gpu_rows], k[:num_gpu_rows], v[:num_gpu_rows],
+                                                              k_blocks, v_blocks, batch, pool_layers[layer_index],
+                                                              block_offset)
+            host_stores = host_stores + stored
             gpu_done = (attn0, HEADS_SPEC)
         if has_batch1:
             hidden1 = llama.post_attention(layer_params, config, hidden1, wait_cpu_attention(pending1, gpu_done, mesh))
@@ -188,7 +206,7 @@ def pipeline_step(params: llama.Params, kv_cache: KVCache, batch: PipelineBatch,
     sample_rows = jnp.concatenate([gpu.sample_indices, num_gpu_rows + jnp.arange(share.num_rows, dtype=jnp.int32)])
     final_hidden = jnp.concatenate([hidden0[sample_rows], hidden1])
     logits = llama.final_logits(params, config, final_hidden)
-    if batch.swap_out_gpu_slots.shape[0]:  # the stores are pure to XLA: an output must read their token
-        (logits,) = computed_after(swapped, mesh, logits, spec=P())
+    if batch.swap_out_gpu_slots.shape[0] or batch.has_host_prefills:  # stores are pure: an output reads them
+        (logits,) = computed_after(swapped + host_stores, mesh, logits, spec=P())
     tokens = sample(logits, sampling)
     return KVCache(k=k_blocks.reshape(cache_shape), v=v_blocks.reshape(cache_shape)), tokens, logits
