@@ -98,10 +98,17 @@ std::shared_ptr<CudaHandoff::Call> CudaHandoff::new_call(std::shared_ptr<HostKvP
   return call;
 }
 
-void CudaHandoff::copy_to_host(const Call& call, const void* device, size_t offset, size_t bytes) {
-  if (bytes == 0) return;
-  check(cuda_.cuMemcpyDtoHAsync(call.staging.host + offset, device_address(device), bytes, to_host_),
-        "cuMemcpyDtoHAsync");
+void CudaHandoff::stage_operands(const Call& call, const std::vector<ffi::AnyBuffer>& operands,
+                                 const std::vector<size_t>& offsets, size_t bytes, CUstream xla) {
+  for (size_t i = 0; i < operands.size(); ++i) {
+    if (operands[i].size_bytes() == 0) continue;
+    check(cuda_.cuMemcpyDtoDAsync(call.staging.device + offsets[i], device_address(operands[i].untyped_data()),
+                                  operands[i].size_bytes(), xla),
+          "cuMemcpyDtoDAsync");
+  }
+  follow_xla(xla, to_host_);
+  if (bytes > 0)
+    check(cuda_.cuMemcpyDtoHAsync(call.staging.host, call.staging.device, bytes, to_host_), "cuMemcpyDtoHAsync");
 }
 
 void CudaHandoff::follow_xla(CUstream xla, CUstream side) {
@@ -129,15 +136,7 @@ void CudaHandoff::start_attention(CUstream xla, std::shared_ptr<HostKvPool> pool
   call->out_offset = out_offset;
   call->out_bytes = shape.q_bytes();
 
-  for (size_t i = 0; i < operands.size(); ++i) {
-    if (operands[i].size_bytes() == 0) continue;
-    check(cuda_.cuMemcpyDtoDAsync(call->staging.device + offsets[i], device_address(operands[i].untyped_data()),
-                                  operands[i].size_bytes(), xla),
-          "cuMemcpyDtoDAsync");
-  }
-  follow_xla(xla, to_host_);
-  check(cuda_.cuMemcpyDtoHAsync(call->staging.host, call->staging.device, operand_bytes, to_host_),
-        "cuMemcpyDtoHAsync");
+  stage_operands(*call, operands, offsets, operand_bytes, xla);
   ring_doorbell(*call);
   check(cuda_.cuStreamWaitValue32(from_host_, done_device_, call->seq, kStreamWaitValueGeq),
         "cuStreamWaitValue32");
@@ -194,16 +193,12 @@ void CudaHandoff::store(CUstream xla, std::shared_ptr<HostKvPool> pool, ffi::Any
   size_t k_offset = layout.add(k_rows.size_bytes()), v_offset = layout.add(v_rows.size_bytes());
   size_t layer_offset = layout.add(layer.size_bytes());
   size_t slot_offset = layout.add(slot_mapping.size_bytes());
-  std::shared_ptr<Call> call = new_call(pool, layout.size(), 0);
+  std::shared_ptr<Call> call = new_call(pool, layout.size(), layout.size());
 
-  follow_xla(xla, to_host_);
-  copy_to_host(*call, k_rows.untyped_data(), k_offset, k_rows.size_bytes());
-  copy_to_host(*call, v_rows.untyped_data(), v_offset, v_rows.size_bytes());
-  copy_to_host(*call, layer.untyped_data(), layer_offset, layer.size_bytes());
-  copy_to_host(*call, slot_mapping.untyped_data(), slot_offset, slot_mapping.size_bytes());
+  stage_operands(*call, {k_rows, v_rows, layer, slot_mapping}, {k_offset, v_offset, layer_offset, slot_offset},
+                 layout.size(), xla);
   ring_doorbell(*call);
   check(cuda_.cuEventRecord(call->retire, to_host_), "cuEventRecord");
-  check(cuda_.cuStreamWaitEvent(xla, call->retire, 0), "cuStreamWaitEvent");
   check(cuda_.cuStreamWriteValue32(xla, device_address(token), call->seq, kStreamWriteValueDefault),
         "cuStreamWriteValue32");
 
@@ -224,14 +219,14 @@ void CudaHandoff::load(CUstream xla, std::shared_ptr<HostKvPool> pool, ffi::AnyB
   StagingLayout layout;
   size_t layer_offset = layout.add(layer.size_bytes());
   size_t slot_offset = layout.add(slot_mapping.size_bytes());
+  size_t operand_bytes = layout.size();
   size_t k_offset = layout.add(k_rows.size_bytes()), v_offset = layout.add(v_rows.size_bytes());
-  std::shared_ptr<Call> call = new_call(pool, layout.size(), 0);
+  std::shared_ptr<Call> call = new_call(pool, layout.size(), operand_bytes);
   char* host = call->staging.host;
 
-  follow_xla(xla, to_host_);
+  stage_operands(*call, {layer, slot_mapping}, {layer_offset, slot_offset}, operand_bytes, xla);
+  // XLA may use the rows' buffers until here.
   check(cuda_.cuStreamWaitEvent(from_host_, xla_reached_, 0), "cuStreamWaitEvent");
-  copy_to_host(*call, layer.untyped_data(), layer_offset, layer.size_bytes());
-  copy_to_host(*call, slot_mapping.untyped_data(), slot_offset, slot_mapping.size_bytes());
   ring_doorbell(*call);
   check(cuda_.cuStreamWaitValue32(from_host_, done_device_, call->seq, kStreamWaitValueGeq),
         "cuStreamWaitValue32");

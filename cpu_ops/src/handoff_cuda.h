@@ -13,8 +13,9 @@
 //           stream's seven per-operand copies to pinned memory: 47 us per start on the H200.)
 //   wait:   XLA's stream waits for that prefetch and copies the output into its own buffer: it
 //           stalls only if the CPU is late.
-//   store:  like start, but XLA's stream waits until the rows are copied out (it may reuse them).
-//   load:   XLA's stream waits until the rows the CPU gathered are copied into its buffers.
+//   store:  its operands staged like start's; the token is written at once.
+//   load:   its operands staged like start's; XLA's stream waits until the rows the CPU gathered are
+//           copied into its buffers.
 #pragma once
 
 #include <cstdint>
@@ -76,7 +77,11 @@ class CudaHandoff {
   void retire_finished();
   std::shared_ptr<Call> new_call(std::shared_ptr<HostKvPool> pool, size_t host_bytes,
                                  size_t device_bytes);
-  void copy_to_host(const Call& call, const void* device, size_t offset, size_t bytes);
+  // Copies the operands on XLA's stream into call.staging.device at their offsets (short copies, after
+  // which XLA may reuse their buffers), then the first `bytes` of it to call.staging.host in one piece on
+  // the to-host stream, which XLA's stream does not wait for.
+  void stage_operands(const Call& call, const std::vector<ffi::AnyBuffer>& operands,
+                      const std::vector<size_t>& offsets, size_t bytes, CUstream xla);
   // The side stream starts its part of the call only where XLA's stream is now.
   void follow_xla(CUstream xla, CUstream side);
   void ring_doorbell(const Call& call);
