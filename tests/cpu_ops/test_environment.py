@@ -60,3 +60,25 @@ def test_interpreter_exits_after_using_the_pool(threads):
         print(float(out.sum()))
     """
     assert run_python(code, NEO_CPU_THREADS=threads) == "0.0"
+
+
+def test_calls_after_the_workers_fell_asleep_give_the_same_output():
+    """Idle workers sleep after NEO_CPU_SPIN_US and are woken one by another when a call comes: calls spaced out
+    past the spin, with more tasks than threads, must finish and agree with the first (the subprocess has a
+    timeout)."""
+    code = """
+        import time, numpy as np
+        from neo_jax import cpu_ops
+        rng = np.random.default_rng(0)
+        k = rng.standard_normal((64, 2, 16, 64)).astype(np.float32)
+        v = rng.standard_normal((64, 2, 16, 64)).astype(np.float32)
+        args = (rng.standard_normal((4, 8, 64)).astype(np.float32), k, v,
+                np.arange(64, dtype=np.int32).reshape(4, 16), np.array([256, 100, 1, 0], np.int32))
+        first = cpu_ops.paged_decode_attention(*args)
+        same = True
+        for _ in range(200):
+            time.sleep(0.001)
+            same = same and np.array_equal(cpu_ops.paged_decode_attention(*args), first)
+        print(same)
+    """
+    assert run_python(code, NEO_CPU_THREADS="4", NEO_CPU_SPIN_US="50") == "True"
