@@ -13,7 +13,8 @@
 //           stream's seven per-operand copies to pinned memory: 47 us per start on the H200.)
 //   wait:   XLA's stream waits for that prefetch and copies the output into its own buffer: it
 //           stalls only if the CPU is late.
-//   store:  its operands staged like start's; the token is written at once.
+//   store:  its operands staged like start's (rows over 16 MB: copied straight to pinned memory while
+//           XLA's stream waits); the token is written at once.
 //   load:   its operands staged like start's; XLA's stream waits until the rows the CPU gathered are
 //           copied into its buffers.
 #pragma once
@@ -79,7 +80,8 @@ class CudaHandoff {
                                  size_t device_bytes);
   // Copies the operands on XLA's stream into call.staging.device at their offsets (short copies, after
   // which XLA may reuse their buffers), then the first `bytes` of it to call.staging.host in one piece on
-  // the to-host stream, which XLA's stream does not wait for.
+  // the to-host stream, which XLA's stream does not wait for. Without device staging, copies each operand
+  // to call.staging.host on the to-host stream; XLA's stream must then wait before it reuses them.
   void stage_operands(const Call& call, const std::vector<ffi::AnyBuffer>& operands,
                       const std::vector<size_t>& offsets, size_t bytes, CUstream xla);
   // The side stream starts its part of the call only where XLA's stream is now.
