@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 from neo_jax.batch import ScheduledChunk, StepBatch, pack_step
 from neo_jax.config import EngineConfig, StepBuckets
 from neo_jax.cpu_ops.handoff import HostKvPool
+from neo_jax.host_inputs import HostLayout, pack_host_inputs
 from neo_jax.kv_cache import allocate_kv_cache
 from neo_jax.models import llama
 from neo_jax.models.config import ModelConfig
@@ -55,11 +56,21 @@ def _counted(step: Callable) -> Callable:
 STEP_COMPILER_OPTIONS = ({} if os.environ.get("NEO_XLA_COMMAND_BUFFERS") == "1"
                          else {"xla_gpu_enable_command_buffer": ""})
 
+def _unpacking(step: Callable) -> Callable:
+    """`step(params, kv_cache, batch, sampling, *statics)` taking batch and sampling packed (neo_jax.host_inputs)."""
+    def unpacking_step(params, kv_cache, host_inputs: jax.Array, layout: HostLayout, *statics):
+        batch, sampling = layout.unpack(host_inputs)
+        return step(params, kv_cache, batch, sampling, *statics)
+
+    return unpacking_step
+
+
 # One jitted function of each kind for every runner: engines whose shapes and statics agree share programs.
-jitted_step = jax.jit(_counted(model_step), static_argnums=(4, 5), donate_argnums=(1,),
+# Arguments: params, kv_cache (donated), the packed batch and sampling with their HostLayout, then the statics.
+jitted_step = jax.jit(_counted(_unpacking(model_step)), static_argnums=(3, 4, 5), donate_argnums=(1,),
                       compiler_options=STEP_COMPILER_OPTIONS)
-jitted_pipeline_step = jax.jit(_counted(pipeline_step), static_argnums=(4, 5, 6), donate_argnums=(1,),
-                               compiler_options=STEP_COMPILER_OPTIONS)
+jitted_pipeline_step = jax.jit(_counted(_unpacking(pipeline_step)), static_argnums=(3, 4, 5, 6),
+                               donate_argnums=(1,), compiler_options=STEP_COMPILER_OPTIONS)
 
 
 def num_step_compilations() -> int:
@@ -129,7 +140,7 @@ class ModelRunner:
 
     def _program_args(self, pipelined: bool, batch: StepBatch | PipelineBatch, sampling: SamplingBatch) -> tuple:
         statics = (self.model_config, self.host_pool, self.mesh) if pipelined else (self.model_config, self.mesh)
-        return (self.params, self.kv_cache, batch, sampling, *statics)
+        return (self.params, self.kv_cache, *pack_host_inputs((batch, sampling)), *statics)
 
     def pack(self, schedule: PipelineSchedule | list[ScheduledChunk],
              eos_token_ids: tuple[int, ...]) -> PackedStep:

@@ -27,6 +27,7 @@ from neo_jax.batch import ScheduledChunk
 from neo_jax.block_manager import BlockPool, blocks_for
 from neo_jax.config import EngineConfig
 from neo_jax.engine import load_model
+from neo_jax.host_inputs import pack_host_inputs
 from neo_jax.kv_cache import allocate_host_kv_pool
 from neo_jax.model_runner import ModelRunner, jitted_pipeline_step
 from neo_jax.models.config import PRESETS
@@ -97,8 +98,9 @@ def pipeline_step_args(swap_out: bool, share: bool = True, batch1: bool = True, 
 def compile_pipeline_step(swap_out: bool, share: bool = True, batch1: bool = True, swap_in: bool = False,
                           host_prefill: bool = False) -> str:
     """The compiled HLO of the step of `pipeline_step_args`."""
-    args = pipeline_step_args(swap_out, share, batch1, swap_in, host_prefill)
-    return jitted_pipeline_step.lower(*args).compile().as_text()
+    params, kv_cache, batch, sampling, *statics = pipeline_step_args(swap_out, share, batch1, swap_in, host_prefill)
+    lowered = jitted_pipeline_step.lower(params, kv_cache, *pack_host_inputs((batch, sampling)), *statics)
+    return lowered.compile().as_text()
 
 
 def entry_lines(hlo: str) -> list[str]:
