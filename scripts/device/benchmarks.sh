@@ -9,7 +9,7 @@
 # (default "gpu-only neo cpu-all") and BENCHMARKS (default "throughput serving") choose a part. Each step shape
 # compiles in ~10 s on the GPU (a run needs ~20 of them): the XLA cache lets later steps and calls on a warm
 # machine reuse the programs, and WARMUP=compile makes the throughput runs compile their programs in parallel
-# instead of replaying the workload untimed (benchmark_throughput.py --warmup).
+# (COMPILE_WORKERS at once, default 4) instead of replaying the workload untimed (benchmark_throughput.py --warmup).
 # Every step runs under `timeout`, bounded by what is left of BUDGET_S (default 570 s, for a 10-minute call);
 # a step that no longer fits is skipped and logged. Results go to benchmarks/results/ (JSON, as they come) and
 # benchmarks/cost_tables/ (profiled tables, reused when present) in the tree; after every step the files this
@@ -83,6 +83,7 @@ run() {
     [[ $policy != gpu-only ]] && offload=(--cpu-kv-cache-gb 16)
     step 300 "($id) throughput $policy" python3 scripts/benchmark_throughput.py "${common[@]}" "${engine_args[@]}" \
       "${offload[@]}" --policy "$policy" --num-prompts "$n" --warmup "${WARMUP:-replay}" \
+      --compile-workers "${COMPILE_WORKERS:-4}" \
       --output-json "$RESULTS/${id}_${policy}_throughput.json"
   done
   [[ $BENCHMARKS == *serving* ]] && for policy in $POLICIES; do

@@ -5,7 +5,8 @@
 # then the runs.
 # Writes log.txt and tp${TP}_<policy>.json into $OUT; the offload policies get a host KV pool of $CPU_KV_GB GiB.
 # The device tool allows 10 minutes a command: SKIP_TESTS=1, SKIP_PROFILE=1 and POLICIES="gpu-only" / "neo" split
-# the work; WARMUP=compile compiles the step programs in parallel instead of an untimed replay. The neo run
+# the work; WARMUP=compile compiles the step programs in parallel (COMPILE_WORKERS at once, default 4; each 70B
+# program takes ~30 s) instead of an untimed replay. The neo run
 # schedules with the table that the profile step measures over the TP devices.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -51,7 +52,8 @@ PY
     offload=()
     [[ $policy != gpu-only ]] && offload=(--cpu-kv-cache-gb "${CPU_KV_GB:-32}")
     timeout "${BENCH_TIMEOUT:-270}" python3 scripts/benchmark_throughput.py "${WORKLOAD[@]}" "${offload[@]}" \
-      --policy "$policy" --warmup "${WARMUP:-replay}" --output-json "$OUT/tp${TP}_${policy}.json"
+      --policy "$policy" --warmup "${WARMUP:-replay}" --compile-workers "${COMPILE_WORKERS:-4}" \
+      --output-json "$OUT/tp${TP}_${policy}.json"
     echo "$policy exit code $?"
   done
 } 2>&1 | tee "$OUT/log.txt"
