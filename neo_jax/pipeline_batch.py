@@ -77,7 +77,7 @@ class CpuDecodes:
 class PipelineBatch:
     """Both micro-batches and the step's pool-to-pool copies (P prefill tokens, S context entries, W, Z rows)."""
 
-    gpu: StepBatch                  # batch-0's GPU decodes and prefills; host-pool tokens write scratch slot 0
+    gpu: StepBatch                  # batch-0's GPU decodes and prefills; host-pool tokens aim at scratch slot 0
     host_prefill_slots: jax.Array   # int32[P] host slot of each prefill token whose KV goes to the host, else -1
     host_chunk_rows: jax.Array      # int32[S] for a context entry of a host prefill's own chunk: its prefill
                                     #   token (its K/V is on the GPU this step), else -1
