@@ -38,13 +38,17 @@ class HostLayout:
         return jax.tree.unflatten(self.treedef, leaves)
 
 
+def host_layout(tree: Any) -> HostLayout:
+    """The layout `pack_host_inputs` gives the arrays of `tree` (equal for trees of equal shapes and dtypes)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    for leaf in leaves:
+        if leaf.dtype.itemsize != 4:
+            raise ValueError(f"pack_host_inputs: every array must have a 4-byte dtype, got {leaf.dtype}")
+    return HostLayout(treedef, tuple((leaf.shape, np.dtype(leaf.dtype).str) for leaf in leaves))
+
+
 def pack_host_inputs(tree: Any) -> tuple[np.ndarray, HostLayout]:
     """The NumPy arrays of `tree` end to end in one int32 array, and their layout."""
-    leaves, treedef = jax.tree.flatten(tree)
-    arrays = [np.asarray(leaf) for leaf in leaves]
-    for array in arrays:
-        if array.dtype.itemsize != 4:
-            raise ValueError(f"pack_host_inputs: every array must have a 4-byte dtype, got {array.dtype}")
-    fields = tuple((array.shape, array.dtype.str) for array in arrays)
-    packed = np.concatenate([np.zeros(0, np.int32)] + [array.reshape(-1).view(np.int32) for array in arrays])
-    return packed, HostLayout(treedef, fields)
+    layout = host_layout(tree)
+    arrays = [np.asarray(leaf).reshape(-1).view(np.int32) for leaf in jax.tree.leaves(tree)]
+    return np.concatenate([np.zeros(0, np.int32)] + arrays), layout

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 from neo_jax.batch import ScheduledChunk, StepBatch, pack_step
 from neo_jax.config import EngineConfig, StepBuckets
 from neo_jax.cpu_ops.handoff import HostKvPool
-from neo_jax.host_inputs import HostLayout, pack_host_inputs
+from neo_jax.host_inputs import HostLayout, host_layout, pack_host_inputs
 from neo_jax.kv_cache import allocate_kv_cache
 from neo_jax.models import llama
 from neo_jax.models.config import ModelConfig
@@ -50,11 +50,12 @@ def _counted(step: Callable) -> Callable:
 # XLA:GPU records runs of kernels into CUDA graphs ("command buffers"). A step's inputs are new buffers on every
 # call, so the graphs are re-recorded before each launch: in an H200 trace, 3.1 ms of update and 2.4 ms of
 # launch passed before batch-256's first kernel (a 24.3 ms step of 17.8 ms GPU work), and pipelined steps
-# instantiated their 33 graphs anew (8.5 ms). Kernels launched one by one should stay queued ahead of the GPU
-# instead (not yet measured).
+# instantiated their 33 graphs anew (8.5 ms). Launched one by one, the kernels stay queued ahead of the GPU:
+# the batch-256 step went from 25.6 to 20.8 ms on the H200 (benchmarks/results/engine_step_h200_c2cf812.md).
 # NEO_XLA_COMMAND_BUFFERS=1 keeps XLA's default, for comparison.
 STEP_COMPILER_OPTIONS = ({} if os.environ.get("NEO_XLA_COMMAND_BUFFERS") == "1"
                          else {"xla_gpu_enable_command_buffer": ""})
+
 
 def _unpacking(step: Callable) -> Callable:
     """`step(params, kv_cache, batch, sampling, *statics)` taking batch and sampling packed (neo_jax.host_inputs)."""
@@ -106,10 +107,9 @@ class PackedStep:
     sampling: SamplingBatch
     sampled_requests: list[Request | None]  # the request of each sampled row (None: padding)
 
-    def program_key(self) -> tuple:
+    def program_key(self) -> tuple[bool, HostLayout]:
         """Equal for steps that run the same compiled program."""
-        leaves, structure = jax.tree.flatten((self.batch, self.sampling))
-        return self.pipelined, structure, tuple((leaf.shape, leaf.dtype) for leaf in leaves)
+        return self.pipelined, host_layout((self.batch, self.sampling))
 
 
 class ModelRunner:
