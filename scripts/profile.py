@@ -139,16 +139,16 @@ def measure_cpu_decode_attention(config: ModelConfig, k_cache: np.ndarray, v_cac
     return median_seconds(lambda: cpu_paged_decode_attention(q, k_cache, v_cache, tables, lens, out=out), repeats)
 
 
-def measure_handoff(config: ModelConfig, pool: HostKvPool, num_requests: int, iterations: int,
+def measure_handoff(config: ModelConfig, layer_params: dict, pool: HostKvPool, num_requests: int, iterations: int,
                     repeats: int, gpu_rows: int = 16) -> float:
     """Extra seconds per layer when `num_requests` of a layer's rows (one token of context each) attend on the CPU
     through `cpu_attention_start` / `cpu_attention_wait` around the layer's GPU work, as in the step, over the same
     layer without them, less the CPU op's own time for those requests (the CPU attention table charges that).
 
-    The layer is a decoder layer of `gpu_rows` + `num_requests` tokens (one shard's heads): timed bare (no layer
-    around the calls), the round trip beyond the CPU op was 64 us on the H200, a third of what it added to a
-    step there (~195 us per layer), where the GPU drains to each start and the CPU's workers idle between layers."""
-    layer_params = jax.jit(init_layer_params, static_argnums=0)(config, jax.random.key(8))
+    The layer (`layer_params`, of `config`: one shard's heads) runs `gpu_rows` + `num_requests` tokens. Timed
+    bare (no layer around the calls), the round trip beyond the CPU op was 64 us on the H200, a third of what it
+    added to a step there (~195 us per layer), where the GPU drains to each start and the CPU's workers idle
+    between layers."""
     block_size = pool.block_size
     slots = jnp.arange(num_requests, dtype=jnp.int32) * block_size
     tables = jnp.arange(num_requests, dtype=jnp.int32)[:, None]
@@ -221,8 +221,9 @@ def profile(config: ModelConfig, model: str, block_size: int, context_len: int, 
     del k_cache, v_cache
     pool = HostKvPool(1, max(points["handoff"]), shard.num_kv_heads, block_size, config.head_dim,
                       NUMPY_DTYPES[config.dtype])
+    shard_params = jax.jit(init_layer_params, static_argnums=0)(shard, jax.random.key(8))  # one device's layer
     handoff = measured("handoff", points["handoff"],
-                       lambda n: measure_handoff(shard, pool, n, iterations, repeats))
+                       lambda n: measure_handoff(shard, shard_params, pool, n, iterations, repeats))
     pool.close()
     bar.close()
     return CostModel(
