@@ -95,6 +95,11 @@ def greedy(output_len: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
 
 
+def step_kind(moves_kv: bool, pipelined: bool) -> str:
+    """How the benchmarks sort steps: "swap" (moved KV between the pools), "pipelined" (had a batch-1), "gpu"."""
+    return "swap" if moves_kv else "pipelined" if pipelined else "gpu"
+
+
 class StepMeter:
     """Steps an engine, keeping the wall time of each `engine.step()`, and the scheduler's counters and the
     step programs compiled from the moment the meter was made."""
@@ -116,12 +121,10 @@ class StepMeter:
         return finished
 
     def seconds_by_kind(self) -> dict[str, dict[str, float]]:
-        """Steps and seconds per kind of step: "swap" (moved KV between the pools), "pipelined" (had a batch-1),
-        "gpu" (neither)."""
+        """Steps and seconds per `step_kind`."""
         kinds: dict[str, dict[str, float]] = {}
         for seconds, changed in zip(self.step_times, self.step_counters):
-            kind = ("swap" if "num_swap_out" in changed or "num_swap_in" in changed
-                    else "pipelined" if "num_pipelined_steps" in changed else "gpu")
+            kind = step_kind("num_swap_out" in changed or "num_swap_in" in changed, "num_pipelined_steps" in changed)
             totals = kinds.setdefault(kind, {"steps": 0, "seconds": 0.0})
             totals["steps"] += 1
             totals["seconds"] += seconds

@@ -11,7 +11,7 @@ batch-0) / layers: the start/wait cost alone. batch1_overhead_us_per_layer is th
 batch-1, which also pays batch-1's own linear layers (a second read of the weights). overlap_ratio =
 pipeline_s / max(gpu_side_s, cpu_side_s). Per length L of `--host-prefill-lens`, a step that prefills one
 L-token prompt into the GPU pool and the same step with its KV going to the host pool (each layer's rows
-stored there and its context read back): host_prefill_overhead_us_per_layer is their difference / layers.
+stored there): host_prefill_overhead_us_per_layer is their difference / layers.
 JSON goes to stdout and --output-json after every measurement.
 """
 
@@ -61,9 +61,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--host-prefill-lens", type=int, nargs="*", default=[1024, 2048])
     parser.add_argument("--profile", action="store_true", help="trace the one-request steps (device time per kernel)")
-    parser.add_argument("--trace-dir", help="with --profile: keep the traces in DIR/batch1 and DIR/share")
+    parser.add_argument("--trace-dir", help="with --profile: keep the traces in DIR/batch1, DIR/share and "
+                        "DIR/host_prefill")
     parser.add_argument("--output-json")
     args = parser.parse_args(argv)
+    trace_dir = lambda name: args.trace_dir and os.path.join(args.trace_dir, name)
 
     model_config, params = load_model(args.model, args.dtype, seed=0)
     max_cpu = max(args.cpu_batches)
@@ -123,7 +125,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results["handoff_us_per_layer"] = (row["share_pipeline_s"] - results["gpu_only"]["step_s"]) / layers * 1e6
             results["batch1_overhead_us_per_layer"] = (row["pipeline_s"] - results["gpu_only"]["step_s"]) / layers * 1e6
             if args.profile:
-                trace_dir = lambda name: args.trace_dir and os.path.join(args.trace_dir, name)
                 row["profile_batch1"] = profile_step(lambda: runner.run_pipeline(packed, sampling),
                                                      trace_dir=trace_dir("batch1"))
                 row["profile_share"] = profile_step(run_share, trace_dir=trace_dir("share"))
@@ -145,8 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "host_pool_first_call_s": on_host["first_call_s"],
                "host_prefill_overhead_us_per_layer": (on_host["step_s"] - on_gpu["step_s"]) / layers * 1e6}
         if args.profile and length == max_prefill:
-            row["profile_host_prefill"] = profile_step(
-                run_host, trace_dir=args.trace_dir and os.path.join(args.trace_dir, "host_prefill"))
+            row["profile_host_prefill"] = profile_step(run_host, trace_dir=trace_dir("host_prefill"))
         results["host_prefill"].append(row)
         print({k: v for k, v in row.items() if not k.startswith("profile")}, flush=True)
         write_json(args.output_json, results)

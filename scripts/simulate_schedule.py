@@ -18,7 +18,7 @@ import json
 
 import numpy as np
 
-from bench_common import Workload, add_engine_arguments, add_workload_arguments, greedy
+from bench_common import Workload, add_engine_arguments, add_workload_arguments, greedy, step_kind
 from neo_jax.block_manager import BlockPool
 from neo_jax.config import EngineConfig
 from neo_jax.cost_model import CostModel
@@ -51,8 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     kinds: collections.Counter[str] = collections.Counter()
     batch1_rows, host_waiting, predicted_s = [], [], 0.0
     for schedule in dry_run(scheduler, requests, model_config.eos_token_ids, max_model_len):
-        kinds["swap" if schedule.swap_out or schedule.swap_in else
-              "pipelined" if schedule.batch1_cpu_chunks else "gpu"] += 1
+        kinds[step_kind(bool(schedule.swap_out or schedule.swap_in), bool(schedule.batch1_cpu_chunks))] += 1
         batch1_rows.append(len(schedule.batch1_cpu_chunks))
         on_cpu = {c.request.request_id for c in schedule.batch0_cpu_chunks + schedule.batch1_cpu_chunks}
         host_waiting.append(sum(r.kv_pool == "cpu" and r.request_id not in on_cpu for r in scheduler.running))
