@@ -70,7 +70,8 @@ def num_threads() -> int:
 
 
 def set_num_threads(num_threads: int) -> None:
-    """Restarts the pool with `num_threads` threads (default: NEO_CPU_THREADS or the physical cores)."""
+    """Restarts the pool with `num_threads` threads (the pool starts with NEO_CPU_THREADS, else the physical
+    cores, or half of them on a machine with a CUDA GPU)."""
     _C.set_num_threads(num_threads)
 
 

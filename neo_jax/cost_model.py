@@ -14,8 +14,8 @@ seconds per transformer layer:
 Between measured points the tables (neo_jax/cost_tables.py) interpolate linearly; beyond them they
 extrapolate the end segment, clamped at zero. JSON form (`CostModel.save` / `CostModel.load`):
 
-    {"schema_version": 2, "model": str, "dtype": str, "block_size": int, "num_layers": int,
-     "machine": {"cpu_model": str, "cpu_count": int, "gpu_name": str},
+    {"schema_version": 3, "model": str, "dtype": str, "block_size": int, "num_layers": int,
+     "machine": {"cpu_model": str, "cpu_threads": int, "gpu_name": str},
      "tables": {"linear": {"points": [...], "seconds": [...]}, "prefill_attention": {...},
                 "gpu_decode_attention": {...}, "handoff": {...},
                 "cpu_decode_attention": {"rows": [...], "columns": [...], "seconds": [[...], ...]}}}
@@ -45,7 +45,9 @@ if TYPE_CHECKING:
 
 # 2: scripts/profile.py times the handoff around a decoder layer, as the step runs it; version-1 tables
 # charged a third of the handoff's cost on the H200, so they are re-measured rather than read.
-SCHEMA_VERSION = 2
+# 3: the machine is named by the CPU op's thread count (`cpu_threads`), not the host's cores: the pool's
+# default became half the cores on GPU machines, and both the CPU attention and the handoff times depend on it.
+SCHEMA_VERSION = 3
 DEFAULT_COST_TABLE_DIR = Path(os.environ.get("NEO_JAX_COST_TABLES", "~/.cache/neo_jax/cost_tables")).expanduser()
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -70,17 +72,20 @@ class MachineId:
     """What a cost table was measured on; a table applies only to an equal machine."""
 
     cpu_model: str
-    cpu_count: int
+    cpu_threads: int  # threads of the CPU attention op's pool (neo_jax.cpu_ops.num_threads())
     gpu_name: str
 
     @classmethod
-    def current(cls, gpu_name: str) -> MachineId:
-        """This host's CPU model and usable cores, with the accelerator name the caller read from JAX."""
-        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        return cls(cpu_model=_cpu_model_name(), cpu_count=usable or 1, gpu_name=gpu_name)
+    def current(cls, gpu_name: str, cpu_threads: int | None = None) -> MachineId:
+        """This host's CPU model and the accelerator name the caller read from JAX; `cpu_threads` defaults to
+        the CPU op's pool as it is now (importing the extension)."""
+        if cpu_threads is None:
+            from neo_jax.cpu_ops import num_threads
+            cpu_threads = num_threads()
+        return cls(cpu_model=_cpu_model_name(), cpu_threads=cpu_threads, gpu_name=gpu_name)
 
     def describe(self) -> str:
-        return f"cpu {self.cpu_model!r} x{self.cpu_count}, gpu {self.gpu_name!r}"
+        return f"cpu {self.cpu_model!r} ({self.cpu_threads} attention threads), gpu {self.gpu_name!r}"
 
 
 def _field(mapping: Any, key: str, where: str) -> Any:
@@ -173,7 +178,7 @@ class CostModel:
             model=str(_field(data, "model", "")), dtype=str(_field(data, "dtype", "")),
             block_size=int(_field(data, "block_size", "")), num_layers=int(_field(data, "num_layers", "")),
             machine=MachineId(str(_field(machine, "cpu_model", "machine.")),
-                              int(_field(machine, "cpu_count", "machine.")),
+                              int(_field(machine, "cpu_threads", "machine.")),
                               str(_field(machine, "gpu_name", "machine."))),
             cpu_decode_attention=Table2D(_field(cpu, "rows", where), _field(cpu, "columns", where),
                                          _field(cpu, "seconds", where), name="cpu_decode_attention"),
@@ -199,7 +204,7 @@ def gpu_side_name(device_kind: str, tensor_parallel_size: int) -> str:
 def cost_table_path(directory: str | os.PathLike, model: str, dtype: str, block_size: int,
                     machine: MachineId) -> Path:
     """Where `scripts/profile.py` saves the table of this model and machine."""
-    parts = (model, dtype, f"block{block_size}", machine.cpu_model, f"{machine.cpu_count}cores", machine.gpu_name)
+    parts = (model, dtype, f"block{block_size}", machine.cpu_model, f"{machine.cpu_threads}threads", machine.gpu_name)
     return Path(directory) / ("__".join(re.sub(r"[^A-Za-z0-9.-]+", "-", p).strip("-") for p in parts) + ".json")
 
 

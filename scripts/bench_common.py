@@ -18,7 +18,7 @@ import numpy as np
 from neo_jax.benchmark_metrics import bandwidth_bound, kv_bytes_per_token, random_lengths, random_prompts
 from neo_jax.config import EngineConfig
 from neo_jax.cost_model import DTYPE_BYTES, MachineId
-from neo_jax.cpu_ops import cpu_isa, num_threads, read_bandwidth_probe
+from neo_jax.cpu_ops import cpu_isa, read_bandwidth_probe
 from neo_jax.engine import LLMEngine
 from neo_jax.model_runner import num_step_compilations, num_xla_compilations
 from neo_jax.sampling_params import SamplingParams
@@ -169,8 +169,8 @@ def machine_info() -> dict[str, Any]:
     device = jax.devices()[0]
     machine = MachineId.current(device.device_kind)
     return {"device": f"{device.platform}:{device.device_kind}", "num_devices": jax.device_count(),
-            "cpu": machine.cpu_model, "cpu_count": machine.cpu_count, "cpu_isa": cpu_isa(),
-            "cpu_attention_threads": num_threads(), "jax": jax.__version__, "commit": commit,
+            "cpu": machine.cpu_model, "cpu_count": os.cpu_count(), "cpu_isa": cpu_isa(),
+            "cpu_attention_threads": machine.cpu_threads, "jax": jax.__version__, "commit": commit,
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
 
 

@@ -85,7 +85,10 @@ class ThreadPool {
   std::vector<std::thread> workers_;
 };
 
-// The process-wide pool: NEO_CPU_THREADS threads (default: the physical cores this process may use),
+// The physical cores this process may use, or half of them on a machine with a CUDA GPU.
+int default_num_threads();
+
+// The process-wide pool: NEO_CPU_THREADS threads (default: default_num_threads()),
 // pinned, idle workers polling NEO_CPU_SPIN_US microseconds (default 200) before they sleep.
 ThreadPool& default_thread_pool();
 

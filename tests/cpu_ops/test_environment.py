@@ -12,10 +12,12 @@ import pytest
 from neo_jax import cpu_ops
 
 
-def run_python(code: str, **env: str) -> str:
+def run_python(code: str, **env: str | None) -> str:
+    """Runs `code` in a fresh interpreter with `env` over ours (a None value unsets the variable); its stdout."""
+    environment = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
-        env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
+        env={name: value for name, value in environment.items() if value is not None},
         capture_output=True,
         text=True,
         timeout=120,
@@ -38,6 +40,26 @@ def test_neo_cpu_isa_caps_the_default_kernel(isa):
     """
     pythonpath = os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])
     assert run_python(code, NEO_CPU_ISA=isa, PYTHONPATH=pythonpath) == f"{isa} True"
+
+
+def physical_cores() -> int:
+    """Distinct (package, core) pairs among the CPUs this process may run on, read from sysfs."""
+    cores = set()
+    for cpu in os.sched_getaffinity(0):
+        topology = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
+        try:
+            with open(topology + "physical_package_id") as package, open(topology + "core_id") as core:
+                cores.add((int(package.read()), int(core.read())))
+        except OSError:
+            cores.add((0, cpu))
+    return len(cores)
+
+
+def test_the_default_pool_has_a_thread_per_core_or_half_of_them_next_to_a_gpu():
+    code = "from neo_jax import cpu_ops; from neo_jax.cpu_ops import handoff; " \
+           "print(cpu_ops.num_threads(), handoff.cuda_handoff_available())"
+    threads, gpu = run_python(code, NEO_CPU_THREADS=None).split()
+    assert int(threads) == (max(1, physical_cores() // 2) if gpu == "True" else physical_cores())
 
 
 def test_neo_cpu_threads_sets_the_pool_size():

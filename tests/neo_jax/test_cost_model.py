@@ -6,13 +6,14 @@ import warnings
 
 import pytest
 
+from neo_jax import cpu_ops
 from neo_jax.cost_model import (
     CostModel, CostTableMissingWarning, HardwareSpec, MachineId, cost_table_path, fallback_cost_model, load_cost_model,
 )
 from neo_jax.cost_tables import Table1D, Table2D
 from neo_jax.models.config import ModelConfig
 
-MACHINE = MachineId(cpu_model="Test Xeon", cpu_count=16, gpu_name="Test GPU")
+MACHINE = MachineId(cpu_model="Test Xeon", cpu_threads=16, gpu_name="Test GPU")
 CONFIG = ModelConfig(vocab_size=1000, hidden_size=512, intermediate_size=1536, num_layers=4, num_heads=8,
                      num_kv_heads=2, head_dim=64, dtype="bfloat16")
 
@@ -124,4 +125,5 @@ def test_table_path_is_a_plain_file_name_per_model_and_machine(tmp_path):
 
 def test_current_machine_reads_this_host():
     machine = MachineId.current("Test GPU")
-    assert machine.cpu_count >= 1 and machine.cpu_model and machine.gpu_name == "Test GPU"
+    assert machine.cpu_threads == cpu_ops.num_threads() and machine.cpu_model and machine.gpu_name == "Test GPU"
+    assert MachineId.current("Test GPU", cpu_threads=3).cpu_threads == 3
