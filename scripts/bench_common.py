@@ -78,11 +78,13 @@ def engine_from_args(args: argparse.Namespace) -> LLMEngine:
 
 
 def scenario_name(args: argparse.Namespace) -> str:
+    """`--scenario`, else model, tensor-parallel size and GPU KV budget: what the policies compared in one scenario
+    share (not the host pool, which only the offload policies have)."""
     if args.scenario:
         return args.scenario
-    gpu = "auto" if args.gpu_kv_cache_gb is None else f"{args.gpu_kv_cache_gb:g}"
-    cpu = "auto" if args.cpu_kv_cache_gb is None else f"{args.cpu_kv_cache_gb:g}"
-    return f"{os.path.basename(os.path.normpath(args.model))} gpu-kv {gpu} GiB cpu-kv {cpu} GiB"
+    gpu = "auto" if args.gpu_kv_cache_gb is None else f"{args.gpu_kv_cache_gb:g} GiB"
+    tensor_parallel = f" tp{args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else ""
+    return f"{os.path.basename(os.path.normpath(args.model))}{tensor_parallel}, GPU KV {gpu}"
 
 
 def host_read_gb_per_s(probe_mb: int) -> float:

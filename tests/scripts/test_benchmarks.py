@@ -45,7 +45,7 @@ def check_bound(bound: dict, num_steps: int) -> None:
 
 def test_throughput_counts_only_the_timed_pass(results, capsys):
     result = results["throughput"]
-    assert result["scenario"] == "tiny gpu-kv auto GiB cpu-kv auto GiB" and result["policy"] == "gpu-only"
+    assert result["scenario"] == "tiny, GPU KV auto" and result["policy"] == "gpu-only"
     # 2 prompts of 16 tokens, 16 tokens a step: at least one step per prompt, then decodes of 2 more tokens.
     num_steps = result["bandwidth_bound"]["counters"]["num_steps"]
     assert 4 <= num_steps <= 6
