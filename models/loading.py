@@ -18,14 +18,15 @@ import ml_dtypes
 import numpy as np
 
 from neo_jax.models.config import ModelConfig
-from neo_jax.models.llama import Params
+from neo_jax.models.llama import Params, fuse_qkv
 
 _SAFETENSORS_DTYPES = {
     "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "F64": np.float64, "I64": np.int64, "I32": np.int32,
 }
 
-# Our name for a layer's tensor -> (HF name inside model.layers.{i}., transpose [out, in] -> [in, out]).
+# Our name for a layer's tensor -> (HF name inside model.layers.{i}., transpose [out, in] -> [in, out]);
+# wq, wk and wv become the layer's one wqkv (llama.fuse_qkv).
 _LAYER_TENSORS = {
     "input_norm": ("input_layernorm.weight", False),
     "wq": ("self_attn.q_proj.weight", True),
@@ -145,10 +146,15 @@ def params_from_hf_tensors(config: ModelConfig, tensors: dict[str, np.ndarray]) 
         array = tensors[name].T if transpose else tensors[name]
         return array.astype(dtype, copy=False)
 
+    def layer(index: int) -> Params:
+        arrays = {ours: take(f"model.layers.{index}.{hf}", transpose)
+                  for ours, (hf, transpose) in _LAYER_TENSORS.items()}
+        arrays["wqkv"] = fuse_qkv(config, arrays.pop("wq"), arrays.pop("wk"), arrays.pop("wv"))
+        return {name: jnp.asarray(array) for name, array in arrays.items()}
+
     params: Params = {
         "embed": jnp.asarray(take("model.embed_tokens.weight")),
-        "layers": [{ours: jnp.asarray(take(f"model.layers.{i}.{hf}", transpose))
-                    for ours, (hf, transpose) in _LAYER_TENSORS.items()} for i in range(config.num_layers)],
+        "layers": [layer(i) for i in range(config.num_layers)],
         "final_norm": jnp.asarray(take("model.norm.weight")),
     }
     if not config.tie_word_embeddings:

@@ -1,8 +1,8 @@
 """Tensor parallelism: a one-axis `tp` mesh, the partition specs of the Llama params and the GPU KV cache, and
 the placement of both.
 
-Megatron's split, expressed as shardings and left to XLA's SPMD partitioner: wq/wk/wv and w_gate/w_up are split
-over their output columns (whole heads, whole MLP columns), wo and w_down over their input rows, so each layer
+Megatron's split, expressed as shardings and left to XLA's SPMD partitioner: wqkv and w_gate/w_up are split
+over their output columns (whole groups of heads, whole MLP columns), wo and w_down over their input rows, so each layer
 needs one all-reduce after the attention output projection and one after the MLP, both inserted by XLA. The
 embedding table and the LM head are split over the vocabulary when it divides evenly (else replicated), norms
 are replicated. The KV cache [L, N, Hkv, bs, Dh] is split over its kv heads, so shard s owns q heads
@@ -28,9 +28,7 @@ TP_AXIS = "tp"
 # Specs of one layer's params: heads and MLP columns over tp.
 LAYER_SPECS = {
     "input_norm": P(None),
-    "wq": P(None, TP_AXIS),
-    "wk": P(None, TP_AXIS),
-    "wv": P(None, TP_AXIS),
+    "wqkv": P(None, TP_AXIS),  # grouped by kv head (models/llama.py), so whole groups land on a shard
     "wo": P(TP_AXIS, None),
     "post_norm": P(None),
     "w_gate": P(None, TP_AXIS),

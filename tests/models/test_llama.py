@@ -107,12 +107,12 @@ def test_init_params_shapes_and_dtype(dtype: str) -> None:
     expected = jax.eval_shape(lambda: llama.init_params(config, jax.random.key(1)))
     assert jax.tree.map(lambda a: (a.shape, a.dtype), params) == jax.tree.map(lambda a: (a.shape, a.dtype), expected)
     assert len(params["layers"]) == config.num_layers
-    assert params["layers"][0]["wq"].shape == (config.hidden_size, config.num_heads * config.head_dim)
-    assert params["layers"][0]["wk"].shape == (config.hidden_size, config.num_kv_heads * config.head_dim)
+    assert params["layers"][0]["wqkv"].shape == (config.hidden_size,
+                                                 (config.num_heads + 2 * config.num_kv_heads) * config.head_dim)
     assert ("lm_head" in params) == (not config.tie_word_embeddings)
     assert all(leaf.dtype == jnp.dtype(dtype) for leaf in jax.tree.leaves(params))
     assert 0.015 < float(jnp.std(params["layers"][0]["w_up"].astype(jnp.float32))) < 0.025
-    assert not np.array_equal(np.asarray(params["layers"][0]["wq"]), np.asarray(params["layers"][1]["wq"]))
+    assert not np.array_equal(np.asarray(params["layers"][0]["wqkv"]), np.asarray(params["layers"][1]["wqkv"]))
     logits = llama.forward(params, config, jnp.zeros((1, 8), jnp.int32))
     assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
 

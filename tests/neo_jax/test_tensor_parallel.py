@@ -66,7 +66,7 @@ def generate_greedy(tensor_parallel_size: int, policy: str = "gpu-only", cost_ta
             "scheduler_stats": vars(llm.engine.scheduler.stats),
             "cache_devices": len(runner.kv_cache.k.sharding.device_set),
             "cache_shard_shape": list(runner.kv_cache.k.addressable_shards[0].data.shape),
-            "wq_shard_shape": list(runner.params["layers"][0]["wq"].addressable_shards[0].data.shape),
+            "wqkv_shard_shape": list(runner.params["layers"][0]["wqkv"].addressable_shards[0].data.shape),
             "w_down_shard_shape": list(runner.params["layers"][0]["w_down"].addressable_shards[0].data.shape)}
 
 
@@ -291,7 +291,8 @@ def test_cache_and_weights_split_over_heads(sharded_results, tensor_parallel_siz
     c = TP_CONFIG
     assert result["cache_devices"] == tensor_parallel_size
     assert result["cache_shard_shape"] == [c.num_layers, 48, c.num_kv_heads // tensor_parallel_size, 8, c.head_dim]
-    assert result["wq_shard_shape"] == [c.hidden_size, c.num_heads * c.head_dim // tensor_parallel_size]
+    assert result["wqkv_shard_shape"] == [c.hidden_size,
+                                          (c.num_heads + 2 * c.num_kv_heads) * c.head_dim // tensor_parallel_size]
     assert result["w_down_shard_shape"] == [c.intermediate_size // tensor_parallel_size, c.hidden_size]
 
 
