@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from collections.abc import Iterator
 
 import jax
@@ -88,6 +89,25 @@ def prefill_spans(prefills: list[ScheduledChunk], num_decode_rows: int) -> Itera
         token_offset, context_offset = token_offset + chunk.num_tokens, context_offset + end
 
 
+def fill_decode_rows(decodes: list[ScheduledChunk], block_size: int, token_ids: np.ndarray, positions: np.ndarray,
+                     slot_mapping: np.ndarray, block_tables: np.ndarray,
+                     context_lens: np.ndarray) -> list[Request | None]:
+    """Writes the one-token chunks `decodes` into the first rows of the arrays, field by field (a NumPy store per
+    row and field took 1.4 ms for 256 rows); the request each row samples for (None: no sample)."""
+    num_rows = len(decodes)
+    starts = [chunk.start for chunk in decodes]
+    tables = [chunk.request.block_table for chunk in decodes]
+    token_ids[:num_rows] = [token_at(chunk.request, start) for chunk, start in zip(decodes, starts)]
+    positions[:num_rows] = starts
+    slot_mapping[:num_rows] = [table[start // block_size] * block_size + start % block_size
+                               for table, start in zip(tables, starts)]
+    table_lens = np.fromiter(map(len, tables), np.int64, num_rows)
+    block_tables[:num_rows][np.arange(block_tables.shape[1]) < table_lens[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(tables), np.int32, int(table_lens.sum()))
+    context_lens[:num_rows] = positions[:num_rows] + 1
+    return [chunk.request if chunk.samples else None for chunk in decodes]
+
+
 def pack_step(chunks: list[ScheduledChunk], block_size: int,
               buckets: StepBuckets) -> tuple[StepBatch, list[Request | None]]:
     """The padded batch of a step, and the request whose next token each sampled row gives (None: discard).
@@ -109,15 +129,9 @@ def pack_step(chunks: list[ScheduledChunk], block_size: int,
     slot_mapping = np.zeros(num_tokens, np.int32)
     block_tables = np.zeros((num_decode_rows, table_width), np.int32)
     context_lens = np.zeros(num_decode_rows, np.int32)
-    for row, chunk in enumerate(decodes):
-        table = chunk.request.block_table
-        token_ids[row] = token_at(chunk.request, chunk.start)
-        positions[row] = chunk.start
-        slot_mapping[row] = table[chunk.start // block_size] * block_size + chunk.start % block_size
-        block_tables[row, :len(table)] = table
-        context_lens[row] = chunk.start + 1
-        sample_indices[row] = row
-        sampled_requests[row] = chunk.request if chunk.samples else None
+    sampled_requests[:len(decodes)] = fill_decode_rows(decodes, block_size, token_ids, positions, slot_mapping,
+                                                       block_tables, context_lens)
+    sample_indices[:len(decodes)] = np.arange(len(decodes))
 
     prefill_request_ids = np.full(num_prefill_tokens, PAD_QUERY_REQUEST, np.int32)
     context_slots = np.zeros(num_context, np.int32)

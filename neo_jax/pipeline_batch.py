@@ -15,7 +15,7 @@ import functools
 import jax
 import numpy as np
 
-from neo_jax.batch import ScheduledChunk, StepBatch, pack_step, prefill_spans, slots_of, split_chunks, token_at
+from neo_jax.batch import ScheduledChunk, StepBatch, fill_decode_rows, pack_step, prefill_spans, slots_of, split_chunks
 from neo_jax.config import MIN_TOKEN_BUCKET, StepBuckets, bucket, power_of_two_at_least
 from neo_jax.sequence import Request
 
@@ -105,14 +105,8 @@ def pack_cpu_decodes(chunks: list[ScheduledChunk], block_size: int,
     block_tables = np.zeros((num_rows, width), np.int32)
     context_lens = np.zeros(num_rows, np.int32)
     sampled: list[Request | None] = [None] * num_rows
-    for row, chunk in enumerate(chunks):
-        request, position = chunk.request, chunk.start
-        token_ids[row] = token_at(request, position)
-        positions[row] = position
-        slot_mapping[row] = slots_of(request.block_table, np.array([position]), block_size)[0]
-        block_tables[row, :len(request.block_table)] = request.block_table
-        context_lens[row] = position + 1
-        sampled[row] = request if chunk.samples else None
+    sampled[:len(chunks)] = fill_decode_rows(chunks, block_size, token_ids, positions, slot_mapping, block_tables,
+                                             context_lens)
     return CpuDecodes(token_ids, positions, slot_mapping, block_tables, context_lens), sampled
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -43,18 +42,15 @@ def pack_sampling(requests: list[Request | None], eos_token_ids: tuple[int, ...]
     for row, ids in enumerate(suppressed):
         suppressed_ids[row, :len(ids)] = ids
 
-    def column(value: Callable[[Request], float], dtype: type, pad: float) -> np.ndarray:
-        return np.array([pad if r is None else value(r) for r in requests], dtype)
-
-    return SamplingBatch(
-        temperatures=column(lambda r: r.sampling_params.temperature, np.float32, 0.0),
-        top_k=column(lambda r: r.sampling_params.top_k, np.int32, 0),
-        top_p=column(lambda r: r.sampling_params.top_p, np.float32, 1.0),
-        min_p=column(lambda r: r.sampling_params.min_p, np.float32, 0.0),
-        seeds=column(lambda r: r.seed, np.uint32, 0),
-        output_indices=column(lambda r: len(r.output_token_ids), np.int32, 0),
-        suppressed_token_ids=suppressed_ids,
-    )
+    padding = (0.0, 0, 1.0, 0.0, 0, 0)
+    rows = [padding if r is None else (r.sampling_params.temperature, r.sampling_params.top_k, r.sampling_params.top_p,
+                                       r.sampling_params.min_p, r.seed, len(r.output_token_ids)) for r in requests]
+    columns = zip(*rows) if rows else [()] * len(padding)
+    dtypes = (np.float32, np.int32, np.float32, np.float32, np.uint32, np.int32)
+    temperatures, top_k, top_p, min_p, seeds, output_indices = (np.array(column, dtype)
+                                                                 for column, dtype in zip(columns, dtypes))
+    return SamplingBatch(temperatures=temperatures, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds,
+                         output_indices=output_indices, suppressed_token_ids=suppressed_ids)
 
 
 def sample(logits: jax.Array, sampling: SamplingBatch) -> jax.Array:
