@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
+
+from neo_jax.block_manager import BlockPool
+from neo_jax.config import EngineConfig, StepBuckets
+from neo_jax.host_inputs import host_layout
+from neo_jax.pipeline_batch import PipelineSchedule, pack_pipeline_step
+
 
 def test_reports_the_handoff_the_overlap_and_host_prefills(load_script, tmp_path):
     output = tmp_path / "pipeline.json"
@@ -13,6 +20,18 @@ def test_reports_the_handoff_the_overlap_and_host_prefills(load_script, tmp_path
     assert [row["cpu_batch"] for row in results["pipeline"]] == [1, 2]
     for row in results["pipeline"]:
         assert min(row["pipeline_s"], row["gpu_side_s"], row["cpu_side_s"], row["overlap_ratio"]) > 0
+        assert min(row["idle_cpu_s"], row["overlap_ratio_pipelined"]) > 0
     assert "handoff_us_per_layer" in results and "batch1_overhead_us_per_layer" in results
     (prefill,) = results["host_prefill"]
     assert prefill["prefill_len"] == 16 and min(prefill["gpu_pool_s"], prefill["host_pool_s"]) > 0
+
+
+def test_one_token_twins_run_the_same_program_with_one_token_contexts(load_script):
+    benchmark = load_script("benchmark_pipeline")
+    chunks = benchmark.make_chunks(BlockPool("cpu", 64, 4), 3, 30, 1, 100, np.random.default_rng(0))
+    twins = benchmark.one_token_contexts(chunks)
+    buckets = StepBuckets.for_engine(EngineConfig(model="tiny", block_size=4), 64)
+    packed = [pack_pipeline_step(PipelineSchedule([], batch1_cpu_chunks=c), 4, buckets)[0] for c in (chunks, twins)]
+    assert host_layout(packed[0]) == host_layout(packed[1])
+    assert packed[0].batch1_cpu.context_lens[:3].tolist() == [30] * 3
+    assert packed[1].batch1_cpu.context_lens[:3].tolist() == [1] * 3
