@@ -9,7 +9,7 @@ names nowhere waits for a later step, so a full host pool delays requests but ne
 
 from __future__ import annotations
 
-import heapq
+import itertools
 
 from neo_jax.batch import ScheduledChunk
 from neo_jax.block_manager import BlockPool
@@ -34,7 +34,7 @@ class PipelineScheduler(Scheduler):
         self.cost_model = cost_model
         self.last_plan: StepPlan | None = None
 
-    def _views(self) -> tuple[list[PrefillView], list[DecodeView]]:
+    def _views(self, waiting: list[Request]) -> tuple[list[PrefillView], list[DecodeView]]:
         prefills, decodes = [], []
         for request in self.running:
             if request.num_uncomputed_tokens == 1:
@@ -43,31 +43,31 @@ class PipelineScheduler(Scheduler):
             else:
                 prefills.append(PrefillView(request.request_id, request.num_uncomputed_tokens, request.num_tokens,
                                             request.request_id, request.kv_pool))
-        prefills.extend(PrefillView(r.request_id, r.num_tokens, r.num_tokens, r.request_id)
-                        for r in self._admissible_waiting())
+        prefills.extend(PrefillView(r.request_id, r.num_tokens, r.num_tokens, r.request_id) for r in waiting)
         return prefills, decodes
 
     def _admissible_waiting(self) -> list[Request]:
         """The waiting requests this step could admit. The plan admits in arrival order under the sequence and
-        token budgets, so those are the earliest arrivals up to the request that uses up the token budget; a view
-        of each of 933 queued prompts made a step's plan cost 2.6 ms instead of 0.2."""
-        earliest = heapq.nsmallest(self.max_num_seqs, self.waiting, key=lambda request: request.request_id)
-        tokens = 0
-        for count, request in enumerate(earliest, 1):
+        token budgets, and the queue is in arrival order, so those are its head up to the request that uses up the
+        token budget; a view of each of 933 queued prompts made a step's plan cost 2.6 ms instead of 0.2."""
+        admissible, tokens = [], 0
+        for request in itertools.islice(self.waiting, self.max_num_seqs):
+            admissible.append(request)
             tokens += request.num_tokens
             if tokens >= self.max_num_batched_tokens:
-                return earliest[:count]
-        return earliest
+                break
+        return admissible
 
     def schedule(self) -> PipelineSchedule:
         """The step's plan applied: blocks allocated and moved, chunks sorted into the two batches."""
-        prefills, decodes = self._views()
+        waiting = self._admissible_waiting()
+        prefills, decodes = self._views(waiting)
         pools = PoolState(self.pool.block_size, self.pool.num_usable_blocks, self.pool.num_free_blocks,
                           self.host_pool.num_usable_blocks, self.host_pool.num_free_blocks)
         budget = StepBudget(self.max_num_batched_tokens, self.max_num_seqs)
         plan = plan_step(self.policy, prefills, decodes, pools, budget, self.cost_model)
         self.last_plan = plan
-        requests = {r.request_id: r for r in (*self.running, *self.waiting)}
+        requests = {r.request_id: r for r in (*self.running, *waiting)}
         for request_id in reversed(plan.preempt_ids):
             self._preempt_running(requests[request_id])
         schedule = PipelineSchedule(gpu_chunks=[])

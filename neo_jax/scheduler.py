@@ -100,8 +100,16 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
-        self.waiting.appendleft(request)
+        self._requeue(request)
         self.stats.num_preemptions += 1
+
+    def _requeue(self, request: Request) -> None:
+        """Puts a preempted request back in the queue, which stays in arrival (request id) order: it goes after
+        the earlier requests preempted before it and ahead of every request that has not run yet."""
+        position = 0
+        while position < len(self.waiting) and self.waiting[position].request_id < request.request_id:
+            position += 1
+        self.waiting.insert(position, request)
 
     def finish(self, request: Request, reason: str) -> None:
         """Ends a running request and frees its blocks."""

@@ -49,6 +49,8 @@ def test_the_admissible_prefix_plans_like_the_whole_queue(policy):
     prefix_only, whole_queue = make_scheduler(policy, False), make_scheduler(policy, True)
     for _ in range(5000):
         assert len(prefix_only._admissible_waiting()) <= prefix_only.max_num_seqs
+        queue = [request.request_id for request in prefix_only.waiting]
+        assert queue == sorted(queue)
         assert step_once(prefix_only) == step_once(whole_queue)
         if not prefix_only.has_unfinished():
             break

@@ -84,3 +84,16 @@ def test_finish_frees_blocks():
     scheduler.finish(request, "stop")
     assert scheduler.pool.num_free_blocks == 7 and request.finish_reason == "stop"
     assert not scheduler.has_unfinished()
+
+
+def test_preempted_requests_rejoin_the_queue_in_arrival_order():
+    scheduler = make_scheduler(max_num_batched_tokens=64, max_num_seqs=8)
+    for request_id in range(6):
+        add(scheduler, request_id, 3)
+    run_chunks(scheduler)
+    running = {request.request_id: request for request in scheduler.running}
+    for request_id in (3, 1, 4):  # in any order, as a plan may name them
+        scheduler.running.remove(running[request_id])
+        scheduler._preempt(running[request_id])
+    add(scheduler, 6, 3)
+    assert [request.request_id for request in scheduler.waiting] == [1, 3, 4, 6]
