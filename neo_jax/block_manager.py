@@ -39,7 +39,7 @@ class BlockPool:
 
     def blocks_missing(self, request: Request, num_tokens: int) -> int:
         """More blocks the request needs for its KV to hold its first `num_tokens` tokens."""
-        return max(0, blocks_for(num_tokens, self.block_size) - len(request.block_table))
+        return max(0, -(-num_tokens // self.block_size) - len(request.block_table))
 
     def can_hold(self, request: Request, num_tokens: int) -> bool:
         return self.blocks_missing(request, num_tokens) <= len(self._free)
@@ -49,6 +49,9 @@ class BlockPool:
         if request.kv_pool not in (None, self.name):
             raise ValueError(f"request {request.request_id}: its KV is in pool {request.kv_pool!r}, not {self.name!r}")
         missing = self.blocks_missing(request, num_tokens)
+        if missing == 0:  # most decode steps: the newest block has room
+            request.kv_pool = self.name
+            return
         if missing > len(self._free):
             raise MemoryError(f"{self.name} KV pool: {missing} blocks asked for, {len(self._free)} free")
         request.block_table.extend(self._free.pop() for _ in range(missing))

@@ -33,9 +33,11 @@ class SchedulerStats:
 
     def count_chunks(self, gpu_chunks: list[ScheduledChunk], cpu_chunks: list[ScheduledChunk]) -> None:
         self.num_steps += 1
-        self.gpu_kv_tokens_read += sum(c.start + c.num_tokens for c in gpu_chunks)
-        self.cpu_kv_tokens_read += sum(c.start + c.num_tokens for c in cpu_chunks)
-        self.num_partial_prefills += sum(c.start + c.num_tokens < c.request.num_tokens for c in gpu_chunks)
+        for chunk in gpu_chunks:
+            end = chunk.request.num_computed_tokens + chunk.num_tokens
+            self.gpu_kv_tokens_read += end
+            self.num_partial_prefills += end < chunk.request.num_tokens
+        self.cpu_kv_tokens_read += sum(c.request.num_computed_tokens + c.num_tokens for c in cpu_chunks)
 
 
 class Scheduler:
