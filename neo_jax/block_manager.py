@@ -39,7 +39,7 @@ class BlockPool:
 
     def blocks_missing(self, request: Request, num_tokens: int) -> int:
         """More blocks the request needs for its KV to hold its first `num_tokens` tokens."""
-        return max(0, -(-num_tokens // self.block_size) - len(request.block_table))
+        return max(0, blocks_for(num_tokens, self.block_size) - len(request.block_table))
 
     def can_hold(self, request: Request, num_tokens: int) -> bool:
         return self.blocks_missing(request, num_tokens) <= len(self._free)

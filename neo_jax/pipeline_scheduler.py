@@ -49,7 +49,7 @@ class PipelineScheduler(Scheduler):
     def _admissible_waiting(self) -> list[Request]:
         """The waiting requests this step could admit. The plan admits in arrival order under the sequence and
         token budgets, and the queue is in arrival order, so those are its head up to the request that uses up the
-        token budget; a view of each of 933 queued prompts made a step's plan cost 2.6 ms instead of 0.2."""
+        token budget; a view of each of 933 queued prompts made a step's plan cost 2.6 ms instead of 0.15."""
         admissible, tokens = [], 0
         for request in itertools.islice(self.waiting, self.max_num_seqs):
             admissible.append(request)
