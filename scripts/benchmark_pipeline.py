@@ -104,6 +104,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sampling = pack_sampling(rows, eos)
         return lambda: runner.run(batch, sampling)
 
+    def pipelined_step(schedule: PipelineSchedule) -> Callable[[], jax.Array]:
+        batch, rows = pack_pipeline_step(schedule, runner.block_size, runner.buckets)
+        sampling = pack_sampling(rows, eos)
+        return lambda: runner.run_pipeline(batch, sampling)
+
     gpu_pool = BlockPool("gpu", num_gpu_blocks, args.block_size)
     batch0 = make_chunks(gpu_pool, args.gpu_batch, args.context, 1, vocab, rng)
     results: dict[str, Any] = {"machine": machine_info(), "model": args.model, "dtype": args.dtype,
@@ -114,10 +119,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for num_cpu in args.cpu_batches:
         host_block_pool = BlockPool("cpu", host_pool.num_blocks, args.block_size)
         batch1 = make_chunks(host_block_pool, num_cpu, args.context, 1, vocab, rng)
-        packed, rows = pack_pipeline_step(PipelineSchedule(batch0, batch1_cpu_chunks=batch1), runner.block_size,
-                                          runner.buckets)
-        sampling = pack_sampling(rows, eos)
-        pipeline = seconds_per_call(lambda: runner.run_pipeline(packed, sampling), args.iters)
+        run_batch1 = pipelined_step(PipelineSchedule(batch0, batch1_cpu_chunks=batch1))
+        pipeline = seconds_per_call(run_batch1, args.iters)
         extra_rows = make_chunks(BlockPool("gpu", num_gpu_blocks, args.block_size), num_cpu, 1, 1, vocab, rng)
         gpu_side = seconds_per_call(gpu_step(batch0 + extra_rows), args.iters)
         q = rng.standard_normal((num_cpu, model_config.num_heads, model_config.head_dim)).astype(
@@ -127,10 +130,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         attend = lambda: [paged_decode_attention(q, host_pool.k_cache[layer], host_pool.v_cache[layer], tables, lens)
                           for layer in range(layers)]
         cpu_side = seconds_per_call(lambda: attend()[-1], max(2, args.iters // 2))
-        idle_packed, idle_rows = pack_pipeline_step(
-            PipelineSchedule(batch0, batch1_cpu_chunks=one_token_contexts(batch1)), runner.block_size, runner.buckets)
-        idle_sampling = pack_sampling(idle_rows, eos)
-        idle_cpu = seconds_per_call(lambda: runner.run_pipeline(idle_packed, idle_sampling), args.iters)
+        idle_batch1 = one_token_contexts(batch1)
+        idle_cpu = seconds_per_call(pipelined_step(PipelineSchedule(batch0, batch1_cpu_chunks=idle_batch1)), args.iters)
         row = {"cpu_batch": num_cpu, "pipeline_s": pipeline["step_s"], "pipeline_first_call_s": pipeline["first_call_s"],
                "gpu_side_s": gpu_side["step_s"], "cpu_side_s": cpu_side["step_s"], "idle_cpu_s": idle_cpu["step_s"]}
         for suffix, gpu_side_key in (("", "gpu_side_s"), ("_pipelined", "idle_cpu_s")):
@@ -138,16 +139,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row["overlap_ratio" + suffix] = row["pipeline_s"] / max(sides)
             row["sides_within_20pct" + suffix] = abs(sides[0] - sides[1]) <= 0.2 * max(sides)
         if num_cpu == 1:
-            packed_share, share_rows = pack_pipeline_step(PipelineSchedule(batch0, batch0_cpu_chunks=batch1),
-                                                           runner.block_size, runner.buckets)
-            share_sampling = pack_sampling(share_rows, eos)
-            run_share = lambda: runner.run_pipeline(packed_share, share_sampling)
+            run_share = pipelined_step(PipelineSchedule(batch0, batch0_cpu_chunks=batch1))
             row["share_pipeline_s"] = seconds_per_call(run_share, args.iters)["step_s"]
             results["handoff_us_per_layer"] = (row["share_pipeline_s"] - results["gpu_only"]["step_s"]) / layers * 1e6
             results["batch1_overhead_us_per_layer"] = (row["pipeline_s"] - results["gpu_only"]["step_s"]) / layers * 1e6
             if args.profile:
-                row["profile_batch1"] = profile_step(lambda: runner.run_pipeline(packed, sampling),
-                                                     trace_dir=trace_dir("batch1"))
+                row["profile_batch1"] = profile_step(run_batch1, trace_dir=trace_dir("batch1"))
                 row["profile_share"] = profile_step(run_share, trace_dir=trace_dir("share"))
         results["pipeline"].append(row)
         print(row, flush=True)
@@ -158,10 +155,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         on_gpu = seconds_per_call(gpu_step(gpu_prefill), args.iters)
         host_prefill = make_chunks(BlockPool("cpu", host_pool.num_blocks, args.block_size), 1, length, length,
                                    vocab, rng)
-        schedule = PipelineSchedule(host_prefill, host_prefill_ids=frozenset({host_prefill[0].request.request_id}))
-        packed, rows = pack_pipeline_step(schedule, runner.block_size, runner.buckets)
-        sampling = pack_sampling(rows, eos)
-        run_host = lambda: runner.run_pipeline(packed, sampling)
+        run_host = pipelined_step(
+            PipelineSchedule(host_prefill, host_prefill_ids=frozenset({host_prefill[0].request.request_id})))
         on_host = seconds_per_call(run_host, args.iters)
         row = {"prefill_len": length, "gpu_pool_s": on_gpu["step_s"], "host_pool_s": on_host["step_s"],
                "host_pool_first_call_s": on_host["first_call_s"],
