@@ -34,10 +34,10 @@ class SchedulerStats:
     def count_chunks(self, gpu_chunks: list[ScheduledChunk], cpu_chunks: list[ScheduledChunk]) -> None:
         self.num_steps += 1
         for chunk in gpu_chunks:
-            end = chunk.request.num_computed_tokens + chunk.num_tokens
+            end = chunk.start + chunk.num_tokens
             self.gpu_kv_tokens_read += end
             self.num_partial_prefills += end < chunk.request.num_tokens
-        self.cpu_kv_tokens_read += sum(c.request.num_computed_tokens + c.num_tokens for c in cpu_chunks)
+        self.cpu_kv_tokens_read += sum(c.start + c.num_tokens for c in cpu_chunks)
 
 
 class Scheduler:
