@@ -40,7 +40,10 @@ class HostLayout:
 
 def host_layout(tree: Any) -> HostLayout:
     """The layout `pack_host_inputs` gives the arrays of `tree` (equal for trees of equal shapes and dtypes)."""
-    leaves, treedef = jax.tree.flatten(tree)
+    return _layout(*jax.tree.flatten(tree))
+
+
+def _layout(leaves: list, treedef: Any) -> HostLayout:
     for leaf in leaves:
         if leaf.dtype.itemsize != 4:
             raise ValueError(f"pack_host_inputs: every array must have a 4-byte dtype, got {leaf.dtype}")
@@ -49,6 +52,7 @@ def host_layout(tree: Any) -> HostLayout:
 
 def pack_host_inputs(tree: Any) -> tuple[np.ndarray, HostLayout]:
     """The NumPy arrays of `tree` end to end in one int32 array, and their layout."""
-    layout = host_layout(tree)
-    arrays = [np.asarray(leaf).reshape(-1).view(np.int32) for leaf in jax.tree.leaves(tree)]
+    leaves, treedef = jax.tree.flatten(tree)
+    layout = _layout(leaves, treedef)
+    arrays = [np.asarray(leaf).reshape(-1).view(np.int32) for leaf in leaves]
     return np.concatenate([np.zeros(0, np.int32)] + arrays), layout
