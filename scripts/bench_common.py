@@ -171,7 +171,7 @@ def machine_info() -> dict[str, Any]:
     device = jax.devices()[0]
     machine = MachineId.current(device.device_kind)
     return {"device": f"{device.platform}:{device.device_kind}", "num_devices": jax.device_count(),
-            "cpu": machine.cpu_model, "cpu_count": os.cpu_count(), "cpu_isa": cpu_isa(),
+            "cpu": machine.cpu_model, "cpu_count": len(os.sched_getaffinity(0)), "cpu_isa": cpu_isa(),
             "cpu_attention_threads": machine.cpu_threads, "jax": jax.__version__, "commit": commit,
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
 
