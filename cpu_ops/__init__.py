@@ -11,6 +11,7 @@ from neo_jax.cpu_ops.ops import (
     cpu_isa,
     num_threads,
     paged_decode_attention,
+    physical_cores,
     read_bandwidth_probe,
     set_num_threads,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "jax_paged_decode_attention",
     "num_threads",
     "paged_decode_attention",
+    "physical_cores",
     "read_bandwidth_probe",
     "set_num_threads",
 ]

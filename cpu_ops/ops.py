@@ -69,6 +69,11 @@ def num_threads() -> int:
     return _C.num_threads()
 
 
+def physical_cores() -> int:
+    """Physical cores this process may run on (the default pool size on a machine without a CUDA GPU)."""
+    return _C.physical_cores()
+
+
 def set_num_threads(num_threads: int) -> None:
     """Restarts the pool with `num_threads` threads (the pool starts with NEO_CPU_THREADS, else the physical
     cores, or half of them on a machine with a CUDA GPU)."""

@@ -52,7 +52,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-kv-gb", type=float, default=24.0, help="skip cells whose K/V exceed this")
     parser.add_argument("--probe-gb", type=float, default=4.0, help="array size of the read-bandwidth probe")
     parser.add_argument("--seconds-per-cell", type=float, default=0.1, help="timing budget per measurement")
-    parser.add_argument("--threads", type=int, default=None, help="default: the op's pool (NEO_CPU_THREADS)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="default: NEO_CPU_THREADS, else every physical core (the op alone keeps half of them "
+                        "free on a machine with a CUDA GPU, for the engine's other threads)")
     parser.add_argument("--isa", default=None, help="force a kernel (default: the CPU's best)")
     parser.add_argument("--huge-pages", action="store_true", help="back the K/V pool with transparent huge pages")
     parser.add_argument("--seed", type=int, default=0)
@@ -169,6 +171,8 @@ def print_table(title: str, cells: list[dict[str, Any]], value: Callable[[dict[s
 
 def main() -> None:
     args = parse_args()
+    if args.threads is None and "NEO_CPU_THREADS" not in os.environ:
+        args.threads = cpu_ops.physical_cores()
     if args.threads is not None:
         cpu_ops.set_num_threads(args.threads)
     threads = cpu_ops.num_threads()

@@ -10,9 +10,14 @@ same context, for each C of `--cpu-batches`. Per C, three figures from the same 
                pipelined step as built, with batch-1's own linear layers (a second read of the weights) and the
                handoffs, and almost no CPU work. overlap_ratio_pipelined = pipeline_s / max(idle_cpu_s, cpu_side_s),
                sides_within_20pct_pipelined compares those two.
+For C >= 2 the same C requests also run split as NEO's scheduler splits them, half in batch-0's CPU share (its
+attention overlapping batch-1's linear layers) and half in batch-1: split_pipeline_s, split_idle_cpu_s (both
+halves cut to one token) and overlap_ratio_split = split_pipeline_s / max(split_idle_cpu_s, cpu_side_s).
 handoff_us_per_layer = (the step with one host-resident decode in batch-0's CPU share - the GPU-only step of
-batch-0) / layers: the start/wait cost alone. batch1_overhead_us_per_layer is the same with the request in
-batch-1, which also pays batch-1's own linear layers (a second read of the weights). overlap_ratio =
+batch-0) / layers: the start/wait cost plus whatever of that request's attention the GPU's own attention does not
+hide; handoff_one_token_us_per_layer is the same with the request's context cut to one token (the start/wait
+mechanism alone). batch1_overhead_us_per_layer is the first with the request in batch-1, which also pays
+batch-1's own linear layers (a second read of the weights). overlap_ratio =
 pipeline_s / max(gpu_side_s, cpu_side_s). Per length L of `--host-prefill-lens`, a step that prefills one
 L-token prompt into the GPU pool and the same step with its KV going to the host pool (each layer's rows
 stored there): host_prefill_overhead_us_per_layer is their difference / layers.
@@ -134,14 +139,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         idle_cpu = seconds_per_call(pipelined_step(PipelineSchedule(batch0, batch1_cpu_chunks=idle_batch1)), args.iters)
         row = {"cpu_batch": num_cpu, "pipeline_s": pipeline["step_s"], "pipeline_first_call_s": pipeline["first_call_s"],
                "gpu_side_s": gpu_side["step_s"], "cpu_side_s": cpu_side["step_s"], "idle_cpu_s": idle_cpu["step_s"]}
-        for suffix, gpu_side_key in (("", "gpu_side_s"), ("_pipelined", "idle_cpu_s")):
+        comparisons = [("", "pipeline_s", "gpu_side_s"), ("_pipelined", "pipeline_s", "idle_cpu_s")]
+        if num_cpu >= 2:
+            share, rest = batch1[:num_cpu // 2], batch1[num_cpu // 2:]
+            split = PipelineSchedule(batch0, batch0_cpu_chunks=share, batch1_cpu_chunks=rest)
+            idle_split = PipelineSchedule(batch0, batch0_cpu_chunks=one_token_contexts(share),
+                                          batch1_cpu_chunks=one_token_contexts(rest))
+            row["split_pipeline_s"] = seconds_per_call(pipelined_step(split), args.iters)["step_s"]
+            row["split_idle_cpu_s"] = seconds_per_call(pipelined_step(idle_split), args.iters)["step_s"]
+            comparisons.append(("_split", "split_pipeline_s", "split_idle_cpu_s"))
+        for suffix, step_key, gpu_side_key in comparisons:
             sides = (row[gpu_side_key], row["cpu_side_s"])
-            row["overlap_ratio" + suffix] = row["pipeline_s"] / max(sides)
+            row["overlap_ratio" + suffix] = row[step_key] / max(sides)
             row["sides_within_20pct" + suffix] = abs(sides[0] - sides[1]) <= 0.2 * max(sides)
         if num_cpu == 1:
             run_share = pipelined_step(PipelineSchedule(batch0, batch0_cpu_chunks=batch1))
             row["share_pipeline_s"] = seconds_per_call(run_share, args.iters)["step_s"]
-            results["handoff_us_per_layer"] = (row["share_pipeline_s"] - results["gpu_only"]["step_s"]) / layers * 1e6
+            share_one_token = PipelineSchedule(batch0, batch0_cpu_chunks=one_token_contexts(batch1))
+            row["share_one_token_pipeline_s"] = seconds_per_call(pipelined_step(share_one_token), args.iters)["step_s"]
+            for key, step_key in (("handoff_us_per_layer", "share_pipeline_s"),
+                                  ("handoff_one_token_us_per_layer", "share_one_token_pipeline_s")):
+                results[key] = (row[step_key] - results["gpu_only"]["step_s"]) / layers * 1e6
             results["batch1_overhead_us_per_layer"] = (row["pipeline_s"] - results["gpu_only"]["step_s"]) / layers * 1e6
             if args.profile:
                 row["profile_batch1"] = profile_step(run_batch1, trace_dir=trace_dir("batch1"))

@@ -112,6 +112,8 @@ void register_attention(py::module_& m) {
   m.def("available_isas", &available_isas, "Instruction sets this CPU can run, lowest first.");
   m.def("num_threads", [] { return default_thread_pool().num_threads(); },
         "Threads of the op's pool, the calling thread included.");
+  m.def("physical_cores", [] { return static_cast<int>(physical_core_cpus().size()); },
+        "Physical cores this process may run on (one CPU per core).");
   m.def("set_num_threads", [](int num_threads) {
         if (num_threads < 1) throw py::value_error("num_threads must be >= 1, got " + std::to_string(num_threads));
         py::gil_scoped_release release;

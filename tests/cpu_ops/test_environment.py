@@ -62,6 +62,10 @@ def test_the_default_pool_has_a_thread_per_core_or_half_of_them_next_to_a_gpu():
     assert int(threads) == (max(1, physical_cores() // 2) if gpu == "True" else physical_cores())
 
 
+def test_physical_cores_counts_one_cpu_per_core():
+    assert cpu_ops.physical_cores() == physical_cores()
+
+
 def test_neo_cpu_threads_sets_the_pool_size():
     assert run_python("from neo_jax import cpu_ops; print(cpu_ops.num_threads())", NEO_CPU_THREADS="3") == "3"
 

@@ -21,7 +21,11 @@ def test_reports_the_handoff_the_overlap_and_host_prefills(load_script, tmp_path
     for row in results["pipeline"]:
         assert min(row["pipeline_s"], row["gpu_side_s"], row["cpu_side_s"], row["overlap_ratio"]) > 0
         assert min(row["idle_cpu_s"], row["overlap_ratio_pipelined"]) > 0
-    assert "handoff_us_per_layer" in results and "batch1_overhead_us_per_layer" in results
+    split = results["pipeline"][1]
+    assert min(split["split_pipeline_s"], split["split_idle_cpu_s"], split["overlap_ratio_split"]) > 0
+    assert "split_pipeline_s" not in results["pipeline"][0]
+    for key in ("handoff_us_per_layer", "handoff_one_token_us_per_layer", "batch1_overhead_us_per_layer"):
+        assert key in results
     (prefill,) = results["host_prefill"]
     assert prefill["prefill_len"] == 16 and min(prefill["gpu_pool_s"], prefill["host_pool_s"]) > 0
 
