@@ -5,7 +5,8 @@ One K/V pool is filled once; each (requests, context) cell draws its blocks at r
 reads a paged cache. Per cell, on the same data:
   - our op (neo_jax.cpu_ops.paged_decode_attention): GB/s of K/V read;
   - torch.nn.functional.scaled_dot_product_attention over the cell's K/V gathered into contiguous
-    [requests, kv_heads, context, head_dim] tensors beforehand (the gather is not timed), same threads;
+    [requests, kv_heads, context, head_dim] tensors beforehand (the gather is not timed), same threads, the
+    peer of the goal; and torch on the paged cache as a torch user would run it, the gather timed with it;
   - the read bandwidth: cpu_ops.read_bandwidth_probe, a STREAM-like sum over an array larger than the
     caches on the op's own pool, before and after the sweep (the best repeat is the bar).
 Times are the best of a few repeats (fewer for long cells). Cells whose K/V exceed --max-kv-gb are skipped.
@@ -150,6 +151,12 @@ def run_cell(args: argparse.Namespace, k_pool: torch.Tensor, v_pool: torch.Tenso
         torch_out["out"] = torch.nn.functional.scaled_dot_product_attention(q_4d, k, v, enable_gqa=True)
 
     torch_best, torch_median, torch_repeats = timed(torch_sdpa, args.seconds_per_cell)
+
+    def torch_paged() -> None:
+        gathered_k, gathered_v = gathered(k_pool, block_tables), gathered(v_pool, block_tables)
+        torch.nn.functional.scaled_dot_product_attention(q_4d, gathered_k, gathered_v, enable_gqa=True)
+
+    torch_paged_best, _, _ = timed(torch_paged, args.seconds_per_cell)
     difference = (torch.from_numpy(out.astype(np.float32)) - torch_out["out"].squeeze(2).float()).abs().max()
     kv_bytes = 2 * num_requests * context * args.num_kv_heads * head_dim * k_pool.element_size()
     return {"num_requests": num_requests, "context": context, "kv_bytes": kv_bytes,
@@ -157,6 +164,7 @@ def run_cell(args: argparse.Namespace, k_pool: torch.Tensor, v_pool: torch.Tenso
             "op_gbps": kv_bytes / op_best / 1e9,
             "torch_seconds": torch_best, "torch_seconds_median": torch_median, "torch_repeats": torch_repeats,
             "torch_gbps": kv_bytes / torch_best / 1e9, "speedup_vs_torch": torch_best / op_best,
+            "torch_paged_seconds": torch_paged_best, "speedup_vs_torch_paged": torch_paged_best / op_best,
             "max_abs_difference_vs_torch": float(difference)}
 
 
@@ -206,10 +214,12 @@ def main() -> None:
 
     goal_cells = [c for c in cells if c["num_requests"] >= GOAL_MIN_REQUESTS and c["context"] >= GOAL_MIN_CONTEXT]
     goal = {"cells": len(goal_cells), "min_fraction_of_read_bandwidth": None, "min_speedup_vs_torch": None,
-            "met": False}
+            "min_speedup_vs_torch_paged": None, "met": False}
     if goal_cells:
-        goal["min_fraction_of_read_bandwidth"] = min(c["fraction_of_read_bandwidth"] for c in goal_cells)
-        goal["min_speedup_vs_torch"] = min(c["speedup_vs_torch"] for c in goal_cells)
+        for key, field in (("min_fraction_of_read_bandwidth", "fraction_of_read_bandwidth"),
+                           ("min_speedup_vs_torch", "speedup_vs_torch"),
+                           ("min_speedup_vs_torch_paged", "speedup_vs_torch_paged")):
+            goal[key] = min(c[field] for c in goal_cells)
         goal["met"] = (goal["min_fraction_of_read_bandwidth"] >= GOAL_FRACTION_OF_READ
                        and goal["min_speedup_vs_torch"] >= GOAL_SPEEDUP_VS_TORCH)
     results = {
@@ -225,7 +235,10 @@ def main() -> None:
     print_table("op GB/s of K/V read", cells, lambda c: f"{c['op_gbps']:.1f}", **show)
     print_table(f"op / read bandwidth ({read_gbps:.1f} GB/s)", cells,
                 lambda c: f"{c['fraction_of_read_bandwidth']:.2f}", **show)
-    print_table("op speed / torch SDPA speed", cells, lambda c: f"{c['speedup_vs_torch']:.2f}", **show)
+    print_table("op speed / torch SDPA speed (K/V gathered beforehand)", cells,
+                lambda c: f"{c['speedup_vs_torch']:.2f}", **show)
+    print_table("op speed / torch gather + SDPA speed", cells, lambda c: f"{c['speedup_vs_torch_paged']:.2f}",
+                **show)
     print(f"\ngoal (>= {GOAL_MIN_REQUESTS} requests x >= {GOAL_MIN_CONTEXT} context): {goal}")
 
 
