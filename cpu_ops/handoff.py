@@ -137,6 +137,16 @@ def _index_array(op: str, name: str, value, ndim: int) -> jax.Array:
     return array.astype(jnp.int32)
 
 
+def _layer_array(op: str, layer, num_rows: int) -> jax.Array:
+    """`layer` as int32 [] (every row's) or [num_rows] (each row's own)."""
+    array = jnp.asarray(layer)
+    if not jnp.issubdtype(array.dtype, jnp.integer) or array.ndim > 1 or (array.ndim == 1
+                                                                          and array.shape[0] != num_rows):
+        raise ValueError(f"{op}: layer must be an integer array of shape [] or [{num_rows}] (one per row), "
+                         f"got {array.dtype} {list(array.shape)}")
+    return array.astype(jnp.int32)
+
+
 def _check_length(op: str, name: str, array: jax.Array, length: int) -> None:
     if array.shape[0] != length:
         raise ValueError(f"{op}: {name} has {array.shape[0]} rows, expected {length}")
@@ -181,7 +191,8 @@ def cpu_attention_wait(pending: PendingAttention, dep: jax.Array) -> jax.Array:
 
 def host_kv_store(pool: HostKvPool, k_rows: jax.Array, v_rows: jax.Array, layer,
                   slot_mapping) -> jax.Array:
-    """Writes k_rows / v_rows [m, kv_heads, head_dim] at slot_mapping [m] into `layer` of the pool.
+    """Writes k_rows / v_rows [m, kv_heads, head_dim] at slot_mapping [m] into `layer` of the pool (int32 [], or
+    [m]: each row's own layer, so that one call moves the rows of many layers).
     Returns an int32 token; unless a later call or an output reads it, XLA drops the store. Later calls
     that take the token as `dep` see the rows; to read them from NumPy on a GPU
     host, call `synchronize()` after the step has finished."""
@@ -191,21 +202,21 @@ def host_kv_store(pool: HostKvPool, k_rows: jax.Array, v_rows: jax.Array, layer,
     pool._check_rows(op, "k_rows", k_rows, slot_mapping.shape[0])
     pool._check_rows(op, "v_rows", v_rows, slot_mapping.shape[0])
     return jax.ffi.ffi_call(_KV_STORE, jax.ShapeDtypeStruct((), jnp.int32))(
-        k_rows, v_rows, _index_array(op, "layer", layer, 0), slot_mapping,
+        k_rows, v_rows, _layer_array(op, layer, slot_mapping.shape[0]), slot_mapping,
         pool_id=np.int64(pool.pool_id))
 
 
 def host_kv_load(pool: HostKvPool, layer, slot_mapping, dep: jax.Array | None = None
                  ) -> tuple[jax.Array, jax.Array]:
-    """Reads the K and V rows [m, kv_heads, head_dim] at slot_mapping [m] of `layer` (slot -1: a
-    zero row). `dep` (e.g. a store's token) must be computed before the load."""
+    """Reads the K and V rows [m, kv_heads, head_dim] at slot_mapping [m] of `layer` (int32 [], or [m]: each
+    row's own layer; slot -1: a zero row). `dep` (e.g. a store's token) must be computed before the load."""
     op = "host_kv_load"
     pool._check_open(op)
     slot_mapping = _index_array(op, "slot_mapping", slot_mapping, 1)
     rows = jax.ShapeDtypeStruct((slot_mapping.shape[0], pool.num_kv_heads, pool.head_dim), pool.dtype)
     dep = jnp.zeros((), jnp.int32) if dep is None else dep
     k_rows, v_rows = jax.ffi.ffi_call(_KV_LOAD, (rows, rows))(
-        _index_array(op, "layer", layer, 0), slot_mapping, dep, pool_id=np.int64(pool.pool_id))
+        _layer_array(op, layer, slot_mapping.shape[0]), slot_mapping, dep, pool_id=np.int64(pool.pool_id))
     return k_rows, v_rows
 
 

@@ -23,7 +23,8 @@ MASKED_SCORE = -1e30
 
 def write_kv(k_blocks: jax.Array, v_blocks: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array,
              block_offset: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Stores k, v [T, Hkv, Dh] at their slots; the caches are [L * N, Hkv, bs, Dh].
+    """Stores k, v [T, Hkv, Dh] at their slots of the layer whose blocks start at block_offset (int32 [], or [T]);
+    the caches are [L * N, Hkv, bs, Dh].
 
     Rows bound for the scratch block (padding, and prefill tokens whose KV goes to the host pool) are dropped:
     aimed past the cache, the scatter skips them. Written, they all hit one slot, and on the H200 a 2048-token
@@ -58,7 +59,8 @@ def prefill_attention(q: jax.Array, k_blocks: jax.Array, v_blocks: jax.Array, ba
 
 def read_slots(k_blocks: jax.Array, v_blocks: jax.Array, slots: jax.Array,
                block_offset: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The K and V rows [S, Hkv, Dh] at slots int32[S] of one layer; the caches are [L * N, Hkv, bs, Dh]."""
+    """The K and V rows [S, Hkv, Dh] at slots int32[S] of the layer whose blocks start at block_offset (int32 [],
+    or [S]: each row's own layer); the caches are [L * N, Hkv, bs, Dh]."""
     block_size = k_blocks.shape[2]
     blocks = slots // block_size + block_offset
     offsets = slots % block_size

@@ -50,32 +50,47 @@ from neo_jax.sharding import HEADS_SPEC, KV_BLOCKS_SPEC, TP_AXIS, shard_over_hea
 
 # What must be computed before a wait, with its layout over the tensor-parallel mesh.
 Dependency = tuple[jax.Array, P]
+SWAP_CALL_BYTES = 256 << 20  # K and V rows one swap store or load moves at most: device and pinned staging memory
 
 
 def swap_kv(pool: HostKvPool, k_blocks: jax.Array, v_blocks: jax.Array, batch: PipelineBatch,
             pool_layers: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Copies the step's swap-outs (GPU -> host) and swap-ins (host -> GPU) of every layer; per shard, with
-    pool_layers int32[L, 1] the shard's pool layer of each model layer.
+    """Copies the step's swap-outs (GPU -> host) and swap-ins (host -> GPU) of every layer, as many layers per store
+    and per load as SWAP_CALL_BYTES allows (each call is a host round trip; with one per layer, swap steps of
+    llama-3-8b took 35 ms on the H200 against 9 ms for its GPU-only steps); per shard, with pool_layers
+    int32[L, 1] the shard's pool layer of each model layer.
 
     Returns the caches and a token int32[1] that follows every store and load: the step's other host-pool writes
     take it, since a swap-in's host blocks are free for them once the step is planned."""
-    num_blocks = k_blocks.shape[0] // pool_layers.shape[0]
+    num_layers = pool_layers.shape[0]
+    num_blocks = k_blocks.shape[0] // num_layers
+    row_bytes = 2 * k_blocks.shape[1] * k_blocks.shape[3] * k_blocks.dtype.itemsize  # K and V of one slot
 
-    def layer(carry: tuple[jax.Array, jax.Array, jax.Array], layers: tuple[jax.Array, jax.Array]):
-        k_blocks, v_blocks, done = carry
-        layer_index, pool_layer = layers
-        block_offset = layer_index * num_blocks
-        if batch.swap_out_gpu_slots.shape[0]:
-            k_rows, v_rows = read_slots(k_blocks, v_blocks, batch.swap_out_gpu_slots, block_offset)
-            done = done + host_kv_store(pool, k_rows, v_rows, pool_layer, batch.swap_out_host_slots)
-        if batch.swap_in_host_slots.shape[0]:
-            k_rows, v_rows = host_kv_load(pool, pool_layer, batch.swap_in_host_slots, dep=done)
-            done = done + token_after(k_rows)
-            k_blocks, v_blocks = write_kv(k_blocks, v_blocks, k_rows, v_rows, batch.swap_in_gpu_slots, block_offset)
-        return (k_blocks, v_blocks, done), None
+    def layer_groups(rows: int) -> list[range]:
+        if rows == 0:
+            return []
+        per_call = max(1, min(num_layers, SWAP_CALL_BYTES // max(1, rows * row_bytes)))
+        return [range(first, min(first + per_call, num_layers)) for first in range(0, num_layers, per_call)]
 
-    layers = (jnp.arange(pool_layers.shape[0], dtype=jnp.int32), pool_layers[:, 0])
-    (k_blocks, v_blocks, done), _ = jax.lax.scan(layer, (k_blocks, v_blocks, jnp.zeros((), jnp.int32)), layers)
+    def group_rows(layers: range, gpu_slots: jax.Array, host_slots: jax.Array) -> tuple[jax.Array, ...]:
+        """[m] slots -> [len(layers) * m] layer-major rows: GPU slots, their layers' block offsets, host slots,
+        pool layers."""
+        rows, group = gpu_slots.shape[0], jnp.arange(layers.start, layers.stop, dtype=jnp.int32)
+        return (jnp.tile(gpu_slots, len(layers)), jnp.repeat(group * num_blocks, rows),
+                jnp.tile(host_slots, len(layers)), jnp.repeat(pool_layers[layers.start:layers.stop, 0], rows))
+
+    done = jnp.zeros((), jnp.int32)
+    for layers in layer_groups(batch.swap_out_gpu_slots.shape[0]):
+        gpu_slots, block_offsets, host_slots, pool_layer = group_rows(layers, batch.swap_out_gpu_slots,
+                                                                      batch.swap_out_host_slots)
+        k_rows, v_rows = read_slots(k_blocks, v_blocks, gpu_slots, block_offsets)
+        done = done + host_kv_store(pool, k_rows, v_rows, pool_layer, host_slots)
+    for layers in layer_groups(batch.swap_in_gpu_slots.shape[0]):
+        gpu_slots, block_offsets, host_slots, pool_layer = group_rows(layers, batch.swap_in_gpu_slots,
+                                                                      batch.swap_in_host_slots)
+        k_rows, v_rows = host_kv_load(pool, pool_layer, host_slots, dep=done)
+        done = done + token_after(k_rows)
+        k_blocks, v_blocks = write_kv(k_blocks, v_blocks, k_rows, v_rows, gpu_slots, block_offsets)
     return k_blocks, v_blocks, done[None]
 
 

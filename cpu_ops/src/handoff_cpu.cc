@@ -91,7 +91,8 @@ ffi::Error kv_store(ffi::AnyBuffer k_rows, ffi::AnyBuffer v_rows, ffi::AnyBuffer
     error = run_store(*pool, KvRowsOperands{slot_mapping.dimensions()[0],
                                             static_cast<const int32_t*>(layer.untyped_data()),
                                             static_cast<const int32_t*>(slot_mapping.untyped_data()),
-                                            k_rows.untyped_data(), v_rows.untyped_data()});
+                                            k_rows.untyped_data(), v_rows.untyped_data(),
+                                            layer.dimensions().size() == 1});
   if (!error.empty()) return ffi::Error::InvalidArgument(error);
   *static_cast<int32_t*>(token->untyped_data()) = static_cast<int32_t>(next_call_number());
   return ffi::Error::Success();
@@ -107,7 +108,8 @@ ffi::Error kv_load(ffi::AnyBuffer layer, ffi::AnyBuffer slot_mapping, ffi::AnyBu
     error = run_load(*pool, KvRowsOperands{slot_mapping.dimensions()[0],
                                            static_cast<const int32_t*>(layer.untyped_data()),
                                            static_cast<const int32_t*>(slot_mapping.untyped_data()),
-                                           k_rows->untyped_data(), v_rows->untyped_data()});
+                                           k_rows->untyped_data(), v_rows->untyped_data(),
+                                            layer.dimensions().size() == 1});
   if (!error.empty()) return ffi::Error::InvalidArgument(error);
   return ffi::Error::Success();
 }

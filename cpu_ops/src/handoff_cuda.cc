@@ -223,7 +223,7 @@ void CudaHandoff::store(CUstream xla, std::shared_ptr<HostKvPool> pool, ffi::Any
   KvRowsOperands staged{slot_mapping.dimensions()[0],
                         reinterpret_cast<const int32_t*>(host + layer_offset),
                         reinterpret_cast<const int32_t*>(host + slot_offset), host + k_offset,
-                        host + v_offset};
+                        host + v_offset, layer.dimensions().size() == 1};
   dispatcher_->submit(call->seq, [pool, staged] { return run_store(*pool, staged); });
   in_flight_.push_back(call);
   ++next_seq_;
@@ -259,7 +259,7 @@ void CudaHandoff::load(CUstream xla, std::shared_ptr<HostKvPool> pool, ffi::AnyB
   KvRowsOperands staged{slot_mapping.dimensions()[0],
                         reinterpret_cast<const int32_t*>(host + layer_offset),
                         reinterpret_cast<const int32_t*>(host + slot_offset), host + k_offset,
-                        host + v_offset};
+                        host + v_offset, layer.dimensions().size() == 1};
   dispatcher_->submit(call->seq, [pool, staged] { return run_load(*pool, staged); });
   in_flight_.push_back(call);
   ++next_seq_;

@@ -46,6 +46,31 @@ std::string layer_index(const char* op, const HostKvPool& pool, const int32_t* l
          std::to_string(pool.num_layers()) + ")";
 }
 
+struct LayerRun {
+  int64_t layer, begin, end;  // rows [begin, end) of one layer
+};
+
+// The rows as runs of one layer each (a single run when the layer is shared); "" or the error naming the first
+// layer outside the pool.
+std::string layer_runs(const char* op, const HostKvPool& pool, const KvRowsOperands& operands,
+                       std::vector<LayerRun>* runs) {
+  if (!operands.layer_per_row) {
+    int64_t layer = 0;
+    std::string error = layer_index(op, pool, operands.layer, &layer);
+    runs->push_back({layer, 0, operands.num_rows});
+    return error;
+  }
+  for (int64_t row = 0; row < operands.num_rows; ++row) {
+    int64_t layer = operands.layer[row];
+    if (layer < 0 || layer >= pool.num_layers())
+      return std::string(op) + ": layer[" + std::to_string(row) + "] = " + std::to_string(layer) +
+             " is outside [0, " + std::to_string(pool.num_layers()) + ")";
+    if (runs->empty() || runs->back().layer != layer) runs->push_back({layer, row, row});
+    runs->back().end = row + 1;
+  }
+  return "";
+}
+
 void gather_rows(const PagedKvCache& cache, const int32_t* slot_mapping, int64_t num_rows,
                  char* k_rows, char* v_rows) {
   size_t item = dtype_bytes(cache.dtype);
@@ -117,7 +142,8 @@ std::string check_kv_rows_operands(const char* op, const HostKvPool& pool, ffi::
   std::string rows = "[num_rows, " + std::to_string(kv.num_kv_heads) + ", " + std::to_string(kv.head_dim) + "]";
   for (std::string error :
        {expect(op, "slot_mapping", slot_mapping, DType::kInt32, {-1}, "[num_rows]"),
-        expect(op, "layer", layer, DType::kInt32, {}, "[]"),
+        layer.dimensions().size() == 1 ? expect(op, "layer", layer, DType::kInt32, {m}, "[] or [num_rows]")
+                                        : expect(op, "layer", layer, DType::kInt32, {}, "[] or [num_rows]"),
         expect(op, "k_rows", k_rows, kv.dtype, {m, kv.num_kv_heads, kv.head_dim}, rows.c_str()),
         expect(op, "v_rows", v_rows, kv.dtype, {m, kv.num_kv_heads, kv.head_dim}, rows.c_str())}) {
     if (!error.empty()) return error;
@@ -159,25 +185,30 @@ std::string run_attention(const HostKvPool& pool, const AttentionShape& shape,
 
 std::string run_store(const HostKvPool& pool, const KvRowsOperands& operands) {
   const char* op = "host_kv_store";
-  int64_t layer = 0;
-  std::string error = layer_index(op, pool, operands.layer, &layer);
+  std::vector<LayerRun> runs;
+  std::string error = layer_runs(op, pool, operands, &runs);
   if (!error.empty()) return error;
-  PagedKvCache cache = pool.layer(layer);
-  KvAppend append;
-  append.k_new = operands.k_rows;
-  append.v_new = operands.v_rows;
-  append.slot_mapping = operands.slot_mapping;
-  append.num_tokens = operands.num_rows;
-  error = validate(cache, append);
-  if (!error.empty()) return std::string(op) + ": " + error;
-  append_kv(cache, append, default_thread_pool());
+  std::vector<KvAppend> appends;
+  for (const LayerRun& run : runs) {  // every run is checked before any is written
+    KvAppend append;
+    append.k_new = static_cast<const char*>(operands.k_rows) + run.begin * pool.row_bytes();
+    append.v_new = static_cast<const char*>(operands.v_rows) + run.begin * pool.row_bytes();
+    append.slot_mapping = operands.slot_mapping + run.begin;
+    append.num_tokens = run.end - run.begin;
+    error = validate(pool.layer(run.layer), append);
+    if (!error.empty() && runs.size() > 1)
+      error += " (indices from row " + std::to_string(run.begin) + ", the first of layer " + std::to_string(run.layer) + ")";
+    if (!error.empty()) return std::string(op) + ": " + error;
+    appends.push_back(append);
+  }
+  for (size_t i = 0; i < runs.size(); ++i) append_kv(pool.layer(runs[i].layer), appends[i], default_thread_pool());
   return "";
 }
 
 std::string run_load(const HostKvPool& pool, const KvRowsOperands& operands) {
   const char* op = "host_kv_load";
-  int64_t layer = 0;
-  std::string error = layer_index(op, pool, operands.layer, &layer);
+  std::vector<LayerRun> runs;
+  std::string error = layer_runs(op, pool, operands, &runs);
   for (int64_t row = 0; error.empty() && row < operands.num_rows; ++row) {
     int64_t slot = operands.slot_mapping[row];
     if (slot < -1 || slot >= pool.num_slots())
@@ -189,8 +220,10 @@ std::string run_load(const HostKvPool& pool, const KvRowsOperands& operands) {
     std::memset(operands.v_rows, 0, operands.num_rows * pool.row_bytes());
     return error;
   }
-  gather_rows(pool.layer(layer), operands.slot_mapping, operands.num_rows,
-              static_cast<char*>(operands.k_rows), static_cast<char*>(operands.v_rows));
+  for (const LayerRun& run : runs)
+    gather_rows(pool.layer(run.layer), operands.slot_mapping + run.begin, run.end - run.begin,
+                static_cast<char*>(operands.k_rows) + run.begin * pool.row_bytes(),
+                static_cast<char*>(operands.v_rows) + run.begin * pool.row_bytes());
   return "";
 }
 

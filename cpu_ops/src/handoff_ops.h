@@ -4,6 +4,7 @@
 //              attention of q over that layer (context_lens include the new token);
 //   store:     write k_rows / v_rows at slot_mapping into the pool's layer;
 //   load:      read the rows at slot_mapping out of the pool's layer.
+// A store's or load's layer is one for every row, or one per row (all of a swap's layers in one call).
 // Padding: slot -1 is skipped (load gives a zero row), context length 0 gives a zero output row.
 #pragma once
 
@@ -40,10 +41,11 @@ struct AttentionOperands {
 
 struct KvRowsOperands {
   int64_t num_rows = 0;
-  const int32_t* layer = nullptr;
+  const int32_t* layer = nullptr;  // [] or [num_rows] (layer_per_row)
   const int32_t* slot_mapping = nullptr;
   void* k_rows = nullptr;  // read by store, written by load
   void* v_rows = nullptr;
+  bool layer_per_row = false;
 };
 
 // The registered pool of a call, or nullptr with *error naming op and pool_id.

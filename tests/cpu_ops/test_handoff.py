@@ -98,6 +98,49 @@ def test_store_then_load_round_trip_with_padding():
     assert np.count_nonzero(written.any(axis=(1, 2))) == 3
 
 
+def test_store_and_load_with_a_layer_per_row_move_many_layers_in_one_call():
+    rng = np.random.default_rng(2)
+    pool = handoff.HostKvPool(NUM_LAYERS, 8, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM, np.float32)
+    layers = np.array([2, 2, 0, 1, 1, 2, 0], np.int32)  # runs of one layer, in any order
+    slots = np.array([3, 40, 3, -1, 127, 64, 9], np.int32)
+    k_rows, v_rows = (rng.standard_normal((len(slots), NUM_KV_HEADS, HEAD_DIM)).astype(np.float32) for _ in "kv")
+
+    @jax.jit
+    def store_and_load(k_rows, v_rows):
+        token = handoff.host_kv_store(pool, k_rows, v_rows, layers, slots)
+        return handoff.host_kv_load(pool, layers[::-1].copy(), slots[::-1].copy(), dep=token)
+
+    k_loaded, v_loaded = (np.asarray(rows) for rows in store_and_load(k_rows, v_rows))
+    expected_k, expected_v = np.zeros_like(k_rows), np.zeros_like(v_rows)
+    for row, (layer, slot) in enumerate(zip(layers, slots)):
+        if slot >= 0:
+            block, offset = divmod(slot, BLOCK_SIZE)
+            np.testing.assert_array_equal(pool.k_cache[layer, block, :, offset], k_rows[row])
+            expected_k[row], expected_v[row] = k_rows[row], v_rows[row]
+    np.testing.assert_array_equal(k_loaded, expected_k[::-1])
+    np.testing.assert_array_equal(v_loaded, expected_v[::-1])
+    assert np.count_nonzero(pool.k_cache.any(axis=(2, 4))) == 6, "only the named (layer, slot) rows are written"
+
+
+@pytest.mark.parametrize("layers,slots,match", [
+    ([0, 3], [0, 1], r"host_kv_store: layer\[1\] = 3 is outside \[0, 3\)"),
+    ([0, 1], [0, 8 * BLOCK_SIZE], r"slot_mapping.*\(indices from row 1, the first of layer 1\)"),
+])
+def test_store_with_a_bad_row_writes_nothing(layers, slots, match):
+    pool = handoff.HostKvPool(NUM_LAYERS, 8, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM, np.float32)
+    rows = jnp.ones((2, NUM_KV_HEADS, HEAD_DIM), jnp.float32)
+    with pytest.raises(Exception, match=match):
+        jax.block_until_ready(jax.jit(lambda: handoff.host_kv_store(
+            pool, rows, rows, np.array(layers, np.int32), np.array(slots, np.int32)))())
+    assert not pool.k_cache.any(), "a rejected store must not write its good rows either"
+
+
+def test_layer_must_be_a_scalar_or_one_per_row():
+    pool = handoff.HostKvPool(NUM_LAYERS, 8, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM, np.float32)
+    with pytest.raises(ValueError, match=r"host_kv_load: layer must be an integer array of shape \[\] or \[2\]"):
+        handoff.host_kv_load(pool, jnp.zeros((3,), jnp.int32), jnp.zeros((2,), jnp.int32))
+
+
 def test_pool_views_and_memory():
     pool = handoff.HostKvPool(2, 4, 3, 8, 16, jnp.bfloat16)
     assert pool.k_cache.shape == pool.v_cache.shape == (2, 4, 3, 8, 16)

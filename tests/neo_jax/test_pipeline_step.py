@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -32,7 +33,8 @@ from neo_jax.kv_cache import allocate_host_kv_pool
 from neo_jax.model_runner import ModelRunner, jitted_pipeline_step
 from neo_jax.models.config import PRESETS
 from neo_jax.pipeline_batch import KvMove, PipelineSchedule, pack_pipeline_step
-from neo_jax.pipeline_step import pipeline_step
+from neo_jax import pipeline_step as pipeline_step_module
+from neo_jax.pipeline_step import pipeline_step, swap_kv
 from neo_jax.sampler import pack_sampling
 from neo_jax.sampling_params import SamplingParams
 from neo_jax.sequence import Request
@@ -177,11 +179,6 @@ def operands_by_instruction(lines: list[str]) -> dict[str, list[str]]:
             for match in (re.match(r"\s*(?:ROOT )?(%[\w.\-]+) = (.*)", line) for line in lines) if match}
 
 
-def computation_text(hlo: str, name: str) -> str:
-    start = hlo.index(f"\n{name} ")
-    return hlo[start:hlo.index("\n}", start)]
-
-
 def instruction_name(line: str) -> str:
     return re.match(r"\s*(?:ROOT )?(%[\w.\-]+) =", line).group(1)
 
@@ -223,14 +220,6 @@ def test_gpu_attention_reads_the_tokens_of_the_starts_it_overlaps(share):
             assert reaches(operands, attention, {starts[SHARE_ROWS, layer]}), ("share", layer)
 
 
-def loops_calling(hlo: str, lines: list[str], target: str) -> set[str]:
-    """The entry computation's instructions (the swaps' loop) whose called computation runs custom call `target`."""
-    computations = {name for name in re.findall(r"\n(%[\w.\-]+) [^\n]*\{\n", hlo)
-                    if f'custom_call_target="{target}"' in computation_text(hlo, name)}
-    operands = operands_by_instruction(lines)
-    return {name for name, ops in operands.items() if any(op in computations for op in ops)}
-
-
 def custom_calls(lines: list[str], target: str) -> list[str]:
     return [instruction_name(line) for line in lines if f'custom_call_target="{target}"' in line]
 
@@ -238,13 +227,12 @@ def custom_calls(lines: list[str], target: str) -> list[str]:
 def test_cpu_attention_starts_after_the_swap_out_stores():
     """A request swapped out this step attends on the CPU in the same step: every start must read the swap's
     token, since XLA orders custom calls by their operands alone (an optimization_barrier did not)."""
-    hlo = compile_pipeline_step(swap_out=True)
-    lines = entry_lines(hlo)
-    swap_loops = loops_calling(hlo, lines, "neo_host_kv_store")
-    assert swap_loops, "the swap-out's stores are not in the entry computation's loops"
+    lines = entry_lines(compile_pipeline_step(swap_out=True))
+    stores = custom_calls(lines, "neo_host_kv_store")
+    assert len(stores) == 1, "the swap-out stores every layer's rows in one call"
     starts = custom_calls(lines, "neo_cpu_attention_start")
     assert len(starts) == 2 * PRESETS["tiny"].num_layers
-    assert all(reaches(operands_by_instruction(lines), start, swap_loops) for start in starts)
+    assert all(reaches(operands_by_instruction(lines), start, set(stores)) for start in starts)
 
 
 @pytest.mark.parametrize("batch1", [True, False])
@@ -253,15 +241,14 @@ def test_host_pool_writes_follow_the_swap_in_loads(batch1):
     appends of new decode tokens, a host prefill's stores) may land in them: each must follow the loads in data.
     The GPU ran such a write first (a swapped-in request's logits were off by 0.1 on the H200): with no
     swap-out, the swaps' token was a loop-invariant zero, which XLA folded out of the starts' operands."""
-    hlo = compile_pipeline_step(swap_out=False, batch1=batch1, swap_in=True, host_prefill=True)
-    lines = entry_lines(hlo)
-    swap_loops = loops_calling(hlo, lines, "neo_host_kv_load")
-    assert swap_loops, "the swap-in's loads are not in the entry computation's loops"
+    lines = entry_lines(compile_pipeline_step(swap_out=False, batch1=batch1, swap_in=True, host_prefill=True))
+    loads = set(custom_calls(lines, "neo_host_kv_load"))
+    assert len(loads) == 1, "the swap-in loads every layer's rows in one call"
     writers = custom_calls(lines, "neo_cpu_attention_start") + custom_calls(lines, "neo_host_kv_store")
     num_layers = PRESETS["tiny"].num_layers
     assert len(writers) == (3 if batch1 else 2) * num_layers
     operands = operands_by_instruction(lines)
-    assert [w for w in writers if not reaches(operands, w, swap_loops)] == []
+    assert [w for w in writers if not reaches(operands, w, loads)] == []
 
 
 def test_swap_out_stores_stay_in_a_step_without_cpu_attention():
@@ -281,3 +268,40 @@ def test_the_step_has_no_effects(swap_out):
     jaxpr = jax.make_jaxpr(pipeline_step, static_argnums=(4, 5))(*args)
     assert not jaxpr.effects
     assert any(equation.primitive.name == "ffi_call" for equation in jaxpr.jaxpr.eqns)
+
+
+@pytest.mark.parametrize("layers_per_call", [1, 2])
+def test_swaps_move_as_many_layers_per_host_call_as_the_byte_cap_allows(monkeypatch, layers_per_call):
+    _, kv_cache, batch, _, model_config, host_pool = pipeline_step_args(swap_out=True, swap_in=True)
+    num_layers, rng = model_config.num_layers, np.random.default_rng(3)
+    k_gpu, v_gpu = (rng.standard_normal(kv_cache.k.shape).astype(np.float32) for _ in "kv")
+    host_pool.k_cache[...] = rng.standard_normal(host_pool.k_cache.shape)
+    host_pool.v_cache[...] = rng.standard_normal(host_pool.v_cache.shape)
+    host_k_before = host_pool.k_cache.copy()
+    rows = batch.swap_out_gpu_slots.shape[0]
+    row_bytes = 2 * model_config.num_kv_heads * model_config.head_dim * 4
+    monkeypatch.setattr(pipeline_step_module, "SWAP_CALL_BYTES", layers_per_call * rows * row_bytes)
+    flat = lambda cache: jnp.asarray(cache.reshape(-1, *cache.shape[2:]))  # [L * N, Hkv, bs, Dh]
+    swap = jax.jit(lambda k, v, batch: swap_kv(host_pool, k, v, batch, jnp.arange(num_layers)[:, None]))
+    hlo = swap.lower(flat(k_gpu), flat(v_gpu), batch).compile().as_text()
+    for target in ("neo_host_kv_store", "neo_host_kv_load"):
+        assert hlo.count(f'custom_call_target="{target}"') == num_layers // layers_per_call, target
+    k_swapped, v_swapped, _ = swap(flat(k_gpu), flat(v_gpu), batch)
+    k_swapped = np.asarray(k_swapped).reshape(k_gpu.shape)
+    v_swapped = np.asarray(v_swapped).reshape(v_gpu.shape)
+
+    def at(cache, layer, slot):
+        return cache[layer, slot // BLOCK_SIZE, :, slot % BLOCK_SIZE]
+
+    moves_out = [(g, h) for g, h in zip(batch.swap_out_gpu_slots.tolist(), batch.swap_out_host_slots.tolist())
+                 if h >= 0]
+    moves_in = [(h, g) for h, g in zip(batch.swap_in_host_slots.tolist(), batch.swap_in_gpu_slots.tolist())
+                if h >= 0]
+    assert len(moves_out) == len(moves_in) == CONTEXT - 1
+    for layer in range(num_layers):
+        for gpu_slot, host_slot in moves_out:
+            np.testing.assert_array_equal(at(host_pool.k_cache, layer, host_slot), at(k_gpu, layer, gpu_slot))
+            np.testing.assert_array_equal(at(host_pool.v_cache, layer, host_slot), at(v_gpu, layer, gpu_slot))
+        for host_slot, gpu_slot in moves_in:
+            np.testing.assert_array_equal(at(k_swapped, layer, gpu_slot), at(host_k_before, layer, host_slot))
+            np.testing.assert_array_equal(at(v_swapped, layer, gpu_slot), at(host_pool.v_cache, layer, host_slot))
