@@ -147,7 +147,8 @@ class LLMEngine:
 
     def compile_ahead(self, requests: Sequence[tuple[Sequence[int], SamplingParams]], max_workers: int = 4) -> int:
         """Compiles, `max_workers` at a time, the step programs that serving `requests` on this idle engine would
-        run (the steps of `dry_run` on fresh pools of the engine's sizes), and returns their number."""
+        run (the steps of `dry_run` on fresh pools of the engine's sizes), runs each once to load it onto the
+        device, and returns their number."""
         pool = BlockPool("gpu", self.pool.num_blocks, self.config.block_size)
         host_pool = self.host_pool and BlockPool("cpu", self.host_pool.num_blocks, self.config.block_size)
         schedules = dry_run(self._new_scheduler(pool, host_pool), requests, self.eos_token_ids, self.max_model_len)

@@ -34,8 +34,13 @@ def run(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]]) -> 
 def test_compile_ahead_leaves_nothing_to_compile(policy):
     engine = LLMEngine(EngineConfig("tiny", policy=policy, **OPTIONS))
     requests = workload()
+    runs = []
+    for name in ("run", "run_pipeline"):
+        method = getattr(engine.runner, name)
+        setattr(engine.runner, name, lambda *args, method=method: runs.append(args) or method(*args))
     before, xla_before = num_step_compilations(), num_xla_compilations()
     num_programs = engine.compile_ahead(requests, max_workers=2)
+    assert len(runs) == num_programs, "each program runs once, to load it"
     assert num_programs > 1 and num_step_compilations() - before == num_programs
     assert num_xla_compilations() - xla_before >= num_programs
     assert engine.pool.num_free_blocks == engine.pool.num_usable_blocks  # the dry run used pools of its own
@@ -43,7 +48,8 @@ def test_compile_ahead_leaves_nothing_to_compile(policy):
     compiled, xla_compiled = num_step_compilations(), num_xla_compilations()
     outputs = run(engine, requests)
     assert num_step_compilations() == compiled and num_xla_compilations() == xla_compiled
-    assert [len(tokens) for tokens in outputs] == [params.max_tokens for _, params in requests]
+    expected = run(LLMEngine(EngineConfig("tiny", policy=policy, **OPTIONS)), requests)  # not compiled ahead
+    assert outputs == expected, "the programs' runs on the idle engine change no later output"
     stats = engine.scheduler.stats
     assert stats.num_preemptions if policy == "gpu-only" else stats.num_pipelined_steps
 
