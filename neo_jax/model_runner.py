@@ -152,21 +152,25 @@ class ModelRunner:
         batch, sampled_requests = pack_step(chunks, self.block_size, self.buckets)
         return PackedStep(False, batch, pack_sampling(sampled_requests, eos_token_ids), sampled_requests)
 
+    def run_packed(self, step: PackedStep) -> jax.Array:
+        """Runs a packed step with the program of its kind; the sampled tokens int32[R] (not yet fetched)."""
+        return (self.run_pipeline if step.pipelined else self.run)(step.batch, step.sampling)
+
     def execute(self, schedule: PipelineSchedule | list[ScheduledChunk],
                 eos_token_ids: tuple[int, ...]) -> dict[int, int]:
         """Computes the step; the sampled next token of each request that samples, by request id."""
         step = self.pack(schedule, eos_token_ids)
-        run = self.run_pipeline if step.pipelined else self.run
-        tokens = np.asarray(run(step.batch, step.sampling))
+        tokens = np.asarray(self.run_packed(step))
         self._sampled_rows = {r.request_id: row for row, r in enumerate(step.sampled_requests) if r is not None}
         return {request_id: int(tokens[row]) for request_id, row in self._sampled_rows.items()}
 
     def compile(self, steps: Iterable[PackedStep], max_workers: int = 4) -> int:
         """Compiles the programs of `steps` ahead of time, `max_workers` at once (XLA compiles outside the GIL);
         JAX keeps them, so the jitted calls of those shapes compile nothing. Then runs each program once, which
-        loads it onto the device: in the H200 throughput runs each new program's first step took 150-160 ms,
-        around twice its later ones. Run on an idle engine only: the runs write K/V at the steps' slots (which
-        later requests overwrite before they read them). Returns the number of programs."""
+        loads it onto the device: in the H200 throughput runs the slowest steps were each new program's first,
+        150-160 ms (benchmark_step times a 2048-token prefill step at 78 ms). Run on an idle engine only: the runs
+        write K/V at the steps' slots (which later requests overwrite before they read them). Returns the number
+        of programs."""
         programs: dict[tuple, PackedStep] = {}
         for step in steps:
             programs.setdefault(step.program_key(), step)
@@ -177,10 +181,7 @@ class ModelRunner:
 
         with ThreadPoolExecutor(max_workers) as executor:
             list(executor.map(compile_program, programs.values()))
-        for step in programs.values():
-            tokens = (self.run_pipeline if step.pipelined else self.run)(step.batch, step.sampling)
-        if programs:
-            jax.block_until_ready(tokens)
+        jax.block_until_ready([self.run_packed(step) for step in programs.values()])
         return len(programs)
 
     def last_logits_by_request(self) -> dict[int, np.ndarray]:

@@ -2,10 +2,10 @@
 the placement of both.
 
 Megatron's split, expressed as shardings and left to XLA's SPMD partitioner: wqkv and w_gate/w_up are split
-over their output columns (whole groups of heads, whole MLP columns), wo and w_down over their input rows, so each layer
-needs one all-reduce after the attention output projection and one after the MLP, both inserted by XLA. The
-embedding table and the LM head are split over the vocabulary when it divides evenly (else replicated), norms
-are replicated. The KV cache [L, N, Hkv, bs, Dh] is split over its kv heads, so shard s owns q heads
+over their output columns (whole groups of heads, whole MLP columns), wo and w_down over their input rows, so
+each layer needs one all-reduce after the attention output projection and one after the MLP, both inserted by
+XLA. The embedding table and the LM head are split over the vocabulary when it divides evenly (else
+replicated), norms are replicated. The KV cache [L, N, Hkv, bs, Dh] is split over its kv heads, so shard s owns q heads
 [s * Hq/tp, (s + 1) * Hq/tp) and exactly the kv heads they read.
 
 Custom calls (the paged decode kernel, the CPU handoff) cannot be partitioned by XLA; `shard_over_heads` runs a

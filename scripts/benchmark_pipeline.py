@@ -36,15 +36,14 @@ import numpy as np
 
 from benchmark_step import GREEDY, make_chunks, profile_step
 from bench_common import machine_info, write_json
-from neo_jax.batch import ScheduledChunk, pack_step
+from neo_jax.batch import ScheduledChunk
 from neo_jax.block_manager import BlockPool, blocks_for
 from neo_jax.config import EngineConfig
 from neo_jax.cpu_ops import paged_decode_attention
 from neo_jax.engine import load_model
 from neo_jax.kv_cache import allocate_host_kv_pool
 from neo_jax.model_runner import ModelRunner
-from neo_jax.pipeline_batch import PipelineSchedule, pack_pipeline_step
-from neo_jax.sampler import pack_sampling
+from neo_jax.pipeline_batch import PipelineSchedule
 from neo_jax.sequence import Request
 
 
@@ -104,30 +103,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     eos, rng, layers = model_config.eos_token_ids, np.random.default_rng(0), model_config.num_layers
     vocab = model_config.vocab_size
 
-    def gpu_step(chunks) -> Callable[[], jax.Array]:
-        batch, rows = pack_step(chunks, runner.block_size, runner.buckets)
-        sampling = pack_sampling(rows, eos)
-        return lambda: runner.run(batch, sampling)
-
-    def pipelined_step(schedule: PipelineSchedule) -> Callable[[], jax.Array]:
-        batch, rows = pack_pipeline_step(schedule, runner.block_size, runner.buckets)
-        sampling = pack_sampling(rows, eos)
-        return lambda: runner.run_pipeline(batch, sampling)
+    def packed_step(schedule: PipelineSchedule | list[ScheduledChunk]) -> Callable[[], jax.Array]:
+        """The step of `schedule` (pipelined when it uses the host pool), packed once, as a call."""
+        step = runner.pack(schedule, eos)
+        return lambda: runner.run_packed(step)
 
     gpu_pool = BlockPool("gpu", num_gpu_blocks, args.block_size)
     batch0 = make_chunks(gpu_pool, args.gpu_batch, args.context, 1, vocab, rng)
     results: dict[str, Any] = {"machine": machine_info(), "model": args.model, "dtype": args.dtype,
                                "context": args.context, "gpu_batch": args.gpu_batch, "layers": layers,
                                "host_pool_pinned": bool(host_pool.pinned)}
-    results["gpu_only"] = seconds_per_call(gpu_step(batch0), args.iters)
+    results["gpu_only"] = seconds_per_call(packed_step(batch0), args.iters)
     results["pipeline"] = []
     for num_cpu in args.cpu_batches:
         host_block_pool = BlockPool("cpu", host_pool.num_blocks, args.block_size)
         batch1 = make_chunks(host_block_pool, num_cpu, args.context, 1, vocab, rng)
-        run_batch1 = pipelined_step(PipelineSchedule(batch0, batch1_cpu_chunks=batch1))
+        run_batch1 = packed_step(PipelineSchedule(batch0, batch1_cpu_chunks=batch1))
         pipeline = seconds_per_call(run_batch1, args.iters)
         extra_rows = make_chunks(BlockPool("gpu", num_gpu_blocks, args.block_size), num_cpu, 1, 1, vocab, rng)
-        gpu_side = seconds_per_call(gpu_step(batch0 + extra_rows), args.iters)
+        gpu_side = seconds_per_call(packed_step(batch0 + extra_rows), args.iters)
         q = rng.standard_normal((num_cpu, model_config.num_heads, model_config.head_dim)).astype(
             host_pool.dtype)
         tables = np.asarray([chunk.request.block_table for chunk in batch1], np.int32)
@@ -136,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           for layer in range(layers)]
         cpu_side = seconds_per_call(lambda: attend()[-1], max(2, args.iters // 2))
         idle_batch1 = one_token_contexts(batch1)
-        idle_cpu = seconds_per_call(pipelined_step(PipelineSchedule(batch0, batch1_cpu_chunks=idle_batch1)), args.iters)
+        idle_cpu = seconds_per_call(packed_step(PipelineSchedule(batch0, batch1_cpu_chunks=idle_batch1)),
+                                    args.iters)
         row = {"cpu_batch": num_cpu, "pipeline_s": pipeline["step_s"], "pipeline_first_call_s": pipeline["first_call_s"],
                "gpu_side_s": gpu_side["step_s"], "cpu_side_s": cpu_side["step_s"], "idle_cpu_s": idle_cpu["step_s"]}
         comparisons = [("", "pipeline_s", "gpu_side_s"), ("_pipelined", "pipeline_s", "idle_cpu_s")]
@@ -145,18 +140,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             split = PipelineSchedule(batch0, batch0_cpu_chunks=share, batch1_cpu_chunks=rest)
             idle_split = PipelineSchedule(batch0, batch0_cpu_chunks=one_token_contexts(share),
                                           batch1_cpu_chunks=one_token_contexts(rest))
-            row["split_pipeline_s"] = seconds_per_call(pipelined_step(split), args.iters)["step_s"]
-            row["split_idle_cpu_s"] = seconds_per_call(pipelined_step(idle_split), args.iters)["step_s"]
+            row["split_pipeline_s"] = seconds_per_call(packed_step(split), args.iters)["step_s"]
+            row["split_idle_cpu_s"] = seconds_per_call(packed_step(idle_split), args.iters)["step_s"]
             comparisons.append(("_split", "split_pipeline_s", "split_idle_cpu_s"))
         for suffix, step_key, gpu_side_key in comparisons:
             sides = (row[gpu_side_key], row["cpu_side_s"])
             row["overlap_ratio" + suffix] = row[step_key] / max(sides)
             row["sides_within_20pct" + suffix] = abs(sides[0] - sides[1]) <= 0.2 * max(sides)
         if num_cpu == 1:
-            run_share = pipelined_step(PipelineSchedule(batch0, batch0_cpu_chunks=batch1))
+            run_share = packed_step(PipelineSchedule(batch0, batch0_cpu_chunks=batch1))
             row["share_pipeline_s"] = seconds_per_call(run_share, args.iters)["step_s"]
             share_one_token = PipelineSchedule(batch0, batch0_cpu_chunks=one_token_contexts(batch1))
-            row["share_one_token_pipeline_s"] = seconds_per_call(pipelined_step(share_one_token), args.iters)["step_s"]
+            row["share_one_token_pipeline_s"] = seconds_per_call(packed_step(share_one_token), args.iters)["step_s"]
             for key, step_key in (("handoff_us_per_layer", "share_pipeline_s"),
                                   ("handoff_one_token_us_per_layer", "share_one_token_pipeline_s")):
                 results[key] = (row[step_key] - results["gpu_only"]["step_s"]) / layers * 1e6
@@ -170,10 +165,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["host_prefill"] = []
     for length in args.host_prefill_lens:
         gpu_prefill = make_chunks(BlockPool("gpu", num_gpu_blocks, args.block_size), 1, length, length, vocab, rng)
-        on_gpu = seconds_per_call(gpu_step(gpu_prefill), args.iters)
+        on_gpu = seconds_per_call(packed_step(gpu_prefill), args.iters)
         host_prefill = make_chunks(BlockPool("cpu", host_pool.num_blocks, args.block_size), 1, length, length,
                                    vocab, rng)
-        run_host = pipelined_step(
+        run_host = packed_step(
             PipelineSchedule(host_prefill, host_prefill_ids=frozenset({host_prefill[0].request.request_id})))
         on_host = seconds_per_call(run_host, args.iters)
         row = {"prefill_len": length, "gpu_pool_s": on_gpu["step_s"], "host_pool_s": on_host["step_s"],

@@ -109,7 +109,7 @@ ffi::Error kv_load(ffi::AnyBuffer layer, ffi::AnyBuffer slot_mapping, ffi::AnyBu
                                            static_cast<const int32_t*>(layer.untyped_data()),
                                            static_cast<const int32_t*>(slot_mapping.untyped_data()),
                                            k_rows->untyped_data(), v_rows->untyped_data(),
-                                            layer.dimensions().size() == 1});
+                                           layer.dimensions().size() == 1});
   if (!error.empty()) return ffi::Error::InvalidArgument(error);
   return ffi::Error::Success();
 }

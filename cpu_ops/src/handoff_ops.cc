@@ -197,11 +197,13 @@ std::string run_store(const HostKvPool& pool, const KvRowsOperands& operands) {
     append.num_tokens = run.end - run.begin;
     error = validate(pool.layer(run.layer), append);
     if (!error.empty() && runs.size() > 1)
-      error += " (indices from row " + std::to_string(run.begin) + ", the first of layer " + std::to_string(run.layer) + ")";
+      error += " (indices from row " + std::to_string(run.begin) + ", the first of layer " +
+               std::to_string(run.layer) + ")";
     if (!error.empty()) return std::string(op) + ": " + error;
     appends.push_back(append);
   }
-  for (size_t i = 0; i < runs.size(); ++i) append_kv(pool.layer(runs[i].layer), appends[i], default_thread_pool());
+  for (size_t i = 0; i < runs.size(); ++i)
+    append_kv(pool.layer(runs[i].layer), appends[i], default_thread_pool());
   return "";
 }
 
