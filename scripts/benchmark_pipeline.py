@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--host-prefill-lens", type=int, nargs="*", default=[1024, 2048])
     parser.add_argument("--profile", action="store_true", help="trace the one-request steps (device time per kernel)")
-    parser.add_argument("--trace-dir", help="with --profile: keep the traces in DIR/batch1, DIR/share and "
-                        "DIR/host_prefill")
+    parser.add_argument("--trace-dir", help="with --profile: keep the traces in DIR/batch1, DIR/share, "
+                        "DIR/share_one_token, DIR/gpu_only and DIR/host_prefill")
     parser.add_argument("--output-json")
     args = parser.parse_args(argv)
     trace_dir = lambda name: args.trace_dir and os.path.join(args.trace_dir, name)
@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             run_share = packed_step(PipelineSchedule(batch0, batch0_cpu_chunks=batch1))
             row["share_pipeline_s"] = seconds_per_call(run_share, args.iters)["step_s"]
             share_one_token = PipelineSchedule(batch0, batch0_cpu_chunks=one_token_contexts(batch1))
-            row["share_one_token_pipeline_s"] = seconds_per_call(packed_step(share_one_token), args.iters)["step_s"]
+            run_share_one_token = packed_step(share_one_token)
+            row["share_one_token_pipeline_s"] = seconds_per_call(run_share_one_token, args.iters)["step_s"]
             for key, step_key in (("handoff_us_per_layer", "share_pipeline_s"),
                                   ("handoff_one_token_us_per_layer", "share_one_token_pipeline_s")):
                 results[key] = (row[step_key] - results["gpu_only"]["step_s"]) / layers * 1e6
@@ -159,6 +160,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if args.profile:
                 row["profile_batch1"] = profile_step(run_batch1, trace_dir=trace_dir("batch1"))
                 row["profile_share"] = profile_step(run_share, trace_dir=trace_dir("share"))
+                row["profile_share_one_token"] = profile_step(run_share_one_token,
+                                                              trace_dir=trace_dir("share_one_token"))
+                row["profile_gpu_only"] = profile_step(packed_step(batch0), trace_dir=trace_dir("gpu_only"))
         results["pipeline"].append(row)
         print(row, flush=True)
         write_json(args.output_json, results)

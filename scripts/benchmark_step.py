@@ -110,7 +110,8 @@ def profile_step(run: Callable[[], jax.Array], steps: int = 3, top: int = 30,
                  trace_dir: str | None = None) -> dict[str, Any]:
     """Device time per step from a jax.profiler trace of `steps` calls of `run` (one step each, compiled
     already): per timeline line (GPU streams, XLA ops) and the `top` kernels by time, to see where a step's
-    time goes, and the first device's `step_timeline`. The trace is kept in `trace_dir` when given (for
+    time goes, the first device's `step_timeline`, and the `top` host events (where the device idles because
+    the host enqueues its work too slowly). The trace is kept in `trace_dir` when given (for
     TensorBoard / XProf), else deleted."""
     with contextlib.ExitStack() as stack:
         directory = trace_dir or stack.enter_context(tempfile.TemporaryDirectory())
@@ -119,22 +120,32 @@ def profile_step(run: Callable[[], jax.Array], steps: int = 3, top: int = 30,
                 np.asarray(run())
         traces = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)
         data = jax.profiler.ProfileData.from_file(max(traces, key=os.path.getmtime))  # a kept dir may hold older ones
-    line_us: dict[str, float] = collections.Counter()
-    event_us: dict[tuple[str, str], float] = collections.Counter()
-    event_calls: dict[tuple[str, str], int] = collections.Counter()
     devices = sorted((plane for plane in data.planes if plane.name.startswith("/device:")), key=lambda p: p.name)
-    for plane in devices:
-        for line in plane.lines:
-            for event in line.events:
-                line_us[line.name] += event.duration_ns / 1e3 / steps
-                event_us[line.name, event.name] += event.duration_ns / 1e3 / steps
-                event_calls[line.name, event.name] += 1
+    device_lines = [line for plane in devices for line in plane.lines]
+    # Host threads' events without the Python tracer's ("$file:line name"): on a GPU, the time the thread that
+    # runs XLA's thunks spends enqueueing each kernel, copy and custom call.
+    host_lines = [line for plane in data.planes if plane.name.startswith("/host:") for line in plane.lines
+                  if line.name != "python"]
+    line_us = {line.name: sum(event.duration_ns for event in line.events) / 1e3 / steps for line in device_lines}
     first_device = [(event.start_ns, event.start_ns + event.duration_ns)
                     for plane in devices[:1] for line in plane.lines for event in line.events]
-    return {"steps": steps, **step_timeline(first_device, steps), "us_per_step_by_line": dict(line_us),
-            "top_events": [{"line": line, "name": name[:200], "us_per_step": us,
-                            "calls_per_step": event_calls[line, name] / steps}
-                           for (line, name), us in event_us.most_common(top)]}
+    return {"steps": steps, **step_timeline(first_device, steps), "us_per_step_by_line": line_us,
+            "top_events": top_events(device_lines, steps, top),
+            "top_host_events": top_events(host_lines, steps, top, skip_prefix="$")}
+
+
+def top_events(lines: list[Any], steps: int, top: int, skip_prefix: str | None = None) -> list[dict[str, Any]]:
+    """The `top` (line, event name) pairs of trace lines by time per step, with their calls per step."""
+    event_us: dict[tuple[str, str], float] = collections.Counter()
+    event_calls: dict[tuple[str, str], int] = collections.Counter()
+    for line in lines:
+        for event in line.events:
+            if skip_prefix and event.name.startswith(skip_prefix):
+                continue
+            event_us[line.name, event.name] += event.duration_ns / 1e3 / steps
+            event_calls[line.name, event.name] += 1
+    return [{"line": line, "name": name[:200], "us_per_step": us, "calls_per_step": event_calls[line, name] / steps}
+            for (line, name), us in event_us.most_common(top)]
 
 
 def weight_bytes_read(params: llama.Params, config: Any) -> int:

@@ -30,6 +30,17 @@ def test_reports_the_handoff_the_overlap_and_host_prefills(load_script, tmp_path
     assert prefill["prefill_len"] == 16 and min(prefill["gpu_pool_s"], prefill["host_pool_s"]) > 0
 
 
+def test_profile_traces_the_one_request_steps_with_their_host_events(load_script):
+    results = load_script("benchmark_pipeline").main([
+        "--model", "tiny", "--dtype", "float32", "--gpu-batch", "2", "--cpu-batches", "1", "--context", "32",
+        "--block-size", "4", "--iters", "1", "--host-prefill-lens", "--profile"])
+    (row,) = results["pipeline"]
+    for name in ("batch1", "share", "share_one_token", "gpu_only"):
+        host_events = row["profile_" + name]["top_host_events"]
+        assert host_events and all(event["us_per_step"] > 0 for event in host_events)
+        assert not any(event["name"].startswith("$") for event in host_events)  # no Python tracer lines
+
+
 def test_one_token_twins_run_the_same_program_with_one_token_contexts(load_script):
     benchmark = load_script("benchmark_pipeline")
     chunks = benchmark.make_chunks(BlockPool("cpu", 64, 4), 3, 30, 1, 100, np.random.default_rng(0))
