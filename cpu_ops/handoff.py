@@ -51,9 +51,6 @@ _POOL_DTYPES = {
     np.dtype(ml_dtypes.bfloat16): "bfloat16",
 }
 
-_Q_DTYPE_CODES = {dtype: code for code, dtype in enumerate(_POOL_DTYPES)}  # DType in cpu_ops/src/attention.h
-_PACKED_ALIGN = 64  # bytes: each operand of a start begins at a multiple (kPackedAlign, cpu_ops/src/handoff_ops.h)
-
 _ATTENTION_START = "neo_cpu_attention_start"
 _ATTENTION_WAIT = "neo_cpu_attention_wait"
 _KV_STORE = "neo_host_kv_store"
@@ -181,21 +178,8 @@ def cpu_attention_start(pool: HostKvPool, q: jax.Array, k_new: jax.Array, v_new:
         _check_length(op, name, array, num_reqs)
     dep = jnp.zeros((), jnp.int32) if dep is None else dep
     token = jax.ffi.ffi_call(_ATTENTION_START, jax.ShapeDtypeStruct((), jnp.int32))(
-        _packed(operands), dep, pool_id=np.int64(pool.pool_id), num_reqs=np.int64(num_reqs),
-        num_q_heads=np.int64(q.shape[1]), max_blocks_per_req=np.int64(operands[5].shape[1]),
-        q_dtype=np.int64(_Q_DTYPE_CODES[np.dtype(q.dtype)]))
+        *operands, dep, pool_id=np.int64(pool.pool_id))
     return PendingAttention(token, q.shape, q.dtype, pool.pool_id)
-
-
-def _packed(arrays: tuple[jax.Array, ...]) -> jax.Array:
-    """uint8 [bytes]: the arrays' bytes in order, each padded to a multiple of _PACKED_ALIGN (the layout of
-    PackedAttentionLayout in cpu_ops/src/handoff_ops.h). The CUDA handoff stages one buffer in one copy; with an
-    operand each, a start's seven copies were most of its host time (benchmarks/results/pipeline_h200x2_dc11a68.md)."""
-    parts = []
-    for array in arrays:
-        raw = jax.lax.bitcast_convert_type(array, jnp.uint8).reshape(-1)
-        parts.append(jnp.pad(raw, (0, -raw.size % _PACKED_ALIGN)))
-    return jnp.concatenate(parts)
 
 
 def cpu_attention_wait(pending: PendingAttention, dep: jax.Array) -> jax.Array:

@@ -137,18 +137,21 @@ void CudaHandoff::ring_doorbell(const Call& call) {
 }
 
 void CudaHandoff::start_attention(CUstream xla, std::shared_ptr<HostKvPool> pool,
-                                  const AttentionShape& shape, ffi::AnyBuffer packed, void* token) {
+                                  const AttentionShape& shape,
+                                  const std::vector<ffi::AnyBuffer>& operands, void* token) {
   std::lock_guard<std::mutex> lock(mutex_);
   enter(xla);
   StagingLayout layout;
-  layout.add(packed.size_bytes());
+  std::vector<size_t> offsets;
+  for (const ffi::AnyBuffer& operand : operands) offsets.push_back(layout.add(operand.size_bytes()));
+  size_t operand_bytes = layout.size();
   size_t out_offset = layout.add(shape.q_bytes());
   std::shared_ptr<Call> call = new_call(pool, layout.size(), layout.size());
   call->prefetched = staging_.acquire_event();
   call->out_offset = out_offset;
   call->out_bytes = shape.q_bytes();
 
-  stage_operands(*call, {packed}, {0}, packed.size_bytes(), xla);
+  stage_operands(*call, operands, offsets, operand_bytes, xla);
   ring_doorbell(*call);
   check(cuda_.cuStreamWaitValue32(from_host_, done_device_, call->seq, kStreamWaitValueGeq),
         "cuStreamWaitValue32");
@@ -157,9 +160,18 @@ void CudaHandoff::start_attention(CUstream xla, std::shared_ptr<HostKvPool> pool
                                   call->out_bytes, from_host_),
           "cuMemcpyHtoDAsync");
   check(cuda_.cuEventRecord(call->prefetched, from_host_), "cuEventRecord");
+  check(cuda_.cuStreamWriteValue32(xla, device_address(token), call->seq, kStreamWriteValueDefault),
+        "cuStreamWriteValue32");
 
   char* host = call->staging.host;
-  AttentionOperands staged = PackedAttentionLayout(shape, pool->geometry()).operands(host, host + out_offset);
+  AttentionOperands staged{host + offsets[0],
+                           host + offsets[1],
+                           host + offsets[2],
+                           reinterpret_cast<const int32_t*>(host + offsets[3]),
+                           reinterpret_cast<const int32_t*>(host + offsets[4]),
+                           reinterpret_cast<const int32_t*>(host + offsets[5]),
+                           reinterpret_cast<const int32_t*>(host + offsets[6]),
+                           host + out_offset};
   dispatcher_->submit(call->seq, [pool, shape, staged] { return run_attention(*pool, shape, staged); });
   call->awaiting_wait = true;
   awaiting_wait_[token] = call;
@@ -188,7 +200,8 @@ void CudaHandoff::wait_attention(CUstream xla, const void* token, ffi::AnyBuffer
 }
 
 void CudaHandoff::store(CUstream xla, std::shared_ptr<HostKvPool> pool, ffi::AnyBuffer k_rows,
-                        ffi::AnyBuffer v_rows, ffi::AnyBuffer layer, ffi::AnyBuffer slot_mapping) {
+                        ffi::AnyBuffer v_rows, ffi::AnyBuffer layer, ffi::AnyBuffer slot_mapping,
+                        void* token) {
   std::lock_guard<std::mutex> lock(mutex_);
   enter(xla);
   StagingLayout layout;
@@ -203,6 +216,8 @@ void CudaHandoff::store(CUstream xla, std::shared_ptr<HostKvPool> pool, ffi::Any
   ring_doorbell(*call);
   check(cuda_.cuEventRecord(call->retire, to_host_), "cuEventRecord");
   if (!on_device) check(cuda_.cuStreamWaitEvent(xla, call->retire, 0), "cuStreamWaitEvent");  // XLA may reuse them
+  check(cuda_.cuStreamWriteValue32(xla, device_address(token), call->seq, kStreamWriteValueDefault),
+        "cuStreamWriteValue32");
 
   char* host = call->staging.host;
   KvRowsOperands staged{slot_mapping.dimensions()[0],

@@ -2,9 +2,9 @@
 // call's thunk, long before the GPU gets there, so every handler only enqueues work and gives the
 // call its own sequence number and staging buffers; nothing is decided at execution time.
 //
-//   start:  XLA's stream copies the packed operands (a few KB per request, one buffer: handoff_ops.h)
-//           into device staging, so XLA may reuse their buffer at once: a scan carry or a copy XLA
-//           inserts cannot hand the side stream a stale buffer. XLA's stream then records an event; the to-host side stream
+//   start:  XLA's stream copies the operands (a few KB per request) into one device staging buffer,
+//           so XLA may reuse their buffers at once: a scan carry or a copy XLA inserts cannot hand the
+//           side stream a stale buffer. XLA's stream then records an event; the to-host side stream
 //           waits on it, copies the staged operands to pinned memory in one piece and rings the
 //           doorbell (cuStreamWriteValue32 <- seq), while XLA's stream goes on. The dispatcher thread
 //           sees the doorbell, runs append + attention into the pinned output and publishes seq in the
@@ -12,9 +12,7 @@
 //           prefetches the output into device staging. (Before, XLA's stream waited for the side
 //           stream's seven per-operand copies to pinned memory: 47 us per start on the H200.)
 //   wait:   XLA's stream waits for that prefetch and copies the output into its own buffer: it
-//           stalls only if the CPU is late. It finds its start by the token's address; the tokens of
-//           start and store are left unwritten (their GPU readers multiply them by 0), one driver call
-//           fewer on the thread that launches the step.
+//           stalls only if the CPU is late.
 //   store:  its operands staged like start's (rows over 16 MB: copied straight to pinned memory while
 //           XLA's stream waits); the token is written at once.
 //   load:   its operands staged like start's; XLA's stream waits until the rows the CPU gathered are
@@ -48,11 +46,11 @@ class CudaHandoff {
   static std::vector<CudaHandoff*> existing();
 
   void start_attention(CUstream xla, std::shared_ptr<HostKvPool> pool, const AttentionShape& shape,
-                       ffi::AnyBuffer packed, void* token);
+                       const std::vector<ffi::AnyBuffer>& operands, void* token);
   void wait_attention(CUstream xla, const void* token,
                       ffi::AnyBuffer out);
   void store(CUstream xla, std::shared_ptr<HostKvPool> pool, ffi::AnyBuffer k_rows,
-             ffi::AnyBuffer v_rows, ffi::AnyBuffer layer, ffi::AnyBuffer slot_mapping);
+             ffi::AnyBuffer v_rows, ffi::AnyBuffer layer, ffi::AnyBuffer slot_mapping, void* token);
   void load(CUstream xla, std::shared_ptr<HostKvPool> pool, ffi::AnyBuffer layer,
             ffi::AnyBuffer slot_mapping, ffi::AnyBuffer k_rows, ffi::AnyBuffer v_rows);
 

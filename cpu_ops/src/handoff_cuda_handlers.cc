@@ -37,14 +37,18 @@ void throw_if(const std::string& error) {
   if (!error.empty()) throw std::invalid_argument(error);
 }
 
-ffi::Error attention_start(ffi::AnyBuffer packed, ffi::AnyBuffer, ffi::Result<ffi::AnyBuffer> token,
-                           int64_t pool_id, int64_t num_reqs, int64_t num_q_heads, int64_t max_blocks_per_req,
-                           int64_t q_dtype, CUstream stream) {
+ffi::Error attention_start(ffi::AnyBuffer q, ffi::AnyBuffer k_new, ffi::AnyBuffer v_new,
+                           ffi::AnyBuffer layer, ffi::AnyBuffer slot_mapping,
+                           ffi::AnyBuffer block_tables, ffi::AnyBuffer context_lens, ffi::AnyBuffer,
+                           ffi::Result<ffi::AnyBuffer> token, int64_t pool_id, CUstream stream) {
   return guarded("cpu_attention_start", [&] {
     std::shared_ptr<HostKvPool> pool = pool_or_throw("cpu_attention_start", pool_id);
     AttentionShape shape;
-    throw_if(check_attention_operands(*pool, packed, num_reqs, num_q_heads, max_blocks_per_req, q_dtype, &shape));
-    handoff(stream).start_attention(stream, pool, shape, packed, token->untyped_data());
+    throw_if(check_attention_operands(*pool, q, k_new, v_new, layer, slot_mapping, block_tables,
+                                      context_lens, &shape));
+    handoff(stream).start_attention(stream, pool, shape,
+                                    {q, k_new, v_new, layer, slot_mapping, block_tables, context_lens},
+                                    token->untyped_data());
   });
 }
 
@@ -54,12 +58,12 @@ ffi::Error attention_wait(ffi::AnyBuffer token, ffi::AnyBuffer, ffi::Result<ffi:
 }
 
 ffi::Error kv_store(ffi::AnyBuffer k_rows, ffi::AnyBuffer v_rows, ffi::AnyBuffer layer,
-                    ffi::AnyBuffer slot_mapping, ffi::Result<ffi::AnyBuffer>, int64_t pool_id,
+                    ffi::AnyBuffer slot_mapping, ffi::Result<ffi::AnyBuffer> token, int64_t pool_id,
                     CUstream stream) {
   return guarded("host_kv_store", [&] {
     std::shared_ptr<HostKvPool> pool = pool_or_throw("host_kv_store", pool_id);
     throw_if(check_kv_rows_operands("host_kv_store", *pool, k_rows, v_rows, layer, slot_mapping));
-    handoff(stream).store(stream, pool, k_rows, v_rows, layer, slot_mapping);
+    handoff(stream).store(stream, pool, k_rows, v_rows, layer, slot_mapping, token->untyped_data());
   });
 }
 

@@ -102,55 +102,35 @@ std::shared_ptr<HostKvPool> pool_for_call(const char* op, int64_t pool_id, std::
   return pool;
 }
 
-PackedAttentionLayout::PackedAttentionLayout(const AttentionShape& shape, const PagedKvCache& kv) {
-  auto add = [this](size_t part_bytes) {
-    size_t offset = bytes;
-    bytes += (part_bytes + kPackedAlign - 1) / kPackedAlign * kPackedAlign;
-    return offset;
-  };
-  size_t rows = shape.num_reqs * kv.num_kv_heads * kv.head_dim * dtype_bytes(kv.dtype);
-  size_t index = sizeof(int32_t);
-  q = add(shape.q_bytes());
-  k_new = add(rows);
-  v_new = add(rows);
-  layer = add(index);
-  slot_mapping = add(shape.num_reqs * index);
-  block_tables = add(shape.num_reqs * shape.max_blocks_per_req * index);
-  context_lens = add(shape.num_reqs * index);
-}
-
-AttentionOperands PackedAttentionLayout::operands(const char* base, void* out) const {
-  auto indices = [base](size_t offset) { return reinterpret_cast<const int32_t*>(base + offset); };
-  return AttentionOperands{base + q, base + k_new, base + v_new, indices(layer), indices(slot_mapping),
-                           indices(block_tables), indices(context_lens), out};
-}
-
-std::string check_attention_operands(const HostKvPool& pool, ffi::AnyBuffer packed, int64_t num_reqs,
-                                     int64_t num_q_heads, int64_t max_blocks_per_req, int64_t q_dtype,
-                                     AttentionShape* shape) {
+std::string check_attention_operands(const HostKvPool& pool, ffi::AnyBuffer q, ffi::AnyBuffer k_new,
+                                     ffi::AnyBuffer v_new, ffi::AnyBuffer layer,
+                                     ffi::AnyBuffer slot_mapping, ffi::AnyBuffer block_tables,
+                                     ffi::AnyBuffer context_lens, AttentionShape* shape) {
   const char* op = "cpu_attention_start";
   const PagedKvCache& kv = pool.geometry();
-  if (q_dtype < 0 || q_dtype > static_cast<int64_t>(DType::kBFloat16))
-    return std::string(op) + ": q_dtype " + std::to_string(q_dtype) +
-           " is none of 0 (float32), 1 (float16), 2 (bfloat16)";
-  if (num_reqs < 0 || max_blocks_per_req < 0)
-    return std::string(op) + ": num_reqs and max_blocks_per_req must be >= 0, got " + std::to_string(num_reqs) +
-           " and " + std::to_string(max_blocks_per_req);
-  if (num_q_heads <= 0 || num_q_heads % kv.num_kv_heads != 0)
-    return std::string(op) + ": q has " + std::to_string(num_q_heads) +
+  if (q.dimensions().size() != 3 || !to_dtype(q.element_type(), &shape->q_dtype) ||
+      shape->q_dtype == DType::kInt32 || q.dimensions()[2] != kv.head_dim)
+    return std::string(op) + ": q must be a float [num_reqs, num_q_heads, " +
+           std::to_string(kv.head_dim) + "] array, got " + shape_text(q);
+  shape->num_reqs = q.dimensions()[0];
+  shape->num_q_heads = q.dimensions()[1];
+  if (shape->num_q_heads <= 0 || shape->num_q_heads % kv.num_kv_heads != 0)
+    return std::string(op) + ": q has " + std::to_string(shape->num_q_heads) +
            " heads, not a positive multiple of the pool's " + std::to_string(kv.num_kv_heads) + " kv heads";
-  shape->q_dtype = static_cast<DType>(q_dtype);
-  shape->num_reqs = num_reqs;
-  shape->num_q_heads = num_q_heads;
   shape->head_dim = kv.head_dim;
-  shape->max_blocks_per_req = max_blocks_per_req;
-  size_t expected = PackedAttentionLayout(*shape, kv).bytes;
-  if (packed.element_type() != ffi::DataType::U8 || packed.dimensions().size() != 1 ||
-      packed.size_bytes() != expected)
-    return std::string(op) + ": the packed operands must be uint8 [" + std::to_string(expected) + "] for " +
-           std::to_string(num_reqs) + " requests of " + std::to_string(num_q_heads) + " heads and " +
-           std::to_string(max_blocks_per_req) + " blocks, got " + std::to_string(packed.size_bytes()) +
-           " bytes of rank " + std::to_string(packed.dimensions().size());
+  shape->max_blocks_per_req =
+      block_tables.dimensions().size() == 2 ? block_tables.dimensions()[1] : -1;
+  int64_t n = shape->num_reqs;
+  std::string rows = "[num_reqs, " + std::to_string(kv.num_kv_heads) + ", " + std::to_string(kv.head_dim) + "]";
+  for (std::string error :
+       {expect(op, "k_new", k_new, kv.dtype, {n, kv.num_kv_heads, kv.head_dim}, rows.c_str()),
+        expect(op, "v_new", v_new, kv.dtype, {n, kv.num_kv_heads, kv.head_dim}, rows.c_str()),
+        expect(op, "layer", layer, DType::kInt32, {}, "[]"),
+        expect(op, "slot_mapping", slot_mapping, DType::kInt32, {n}, "[num_reqs]"),
+        expect(op, "block_tables", block_tables, DType::kInt32, {n, -1}, "[num_reqs, max_blocks]"),
+        expect(op, "context_lens", context_lens, DType::kInt32, {n}, "[num_reqs]")}) {
+    if (!error.empty()) return error;
+  }
   return "";
 }
 

@@ -48,30 +48,15 @@ struct KvRowsOperands {
   bool layer_per_row = false;
 };
 
-// Where each operand of a start lies in the one uint8 buffer that cpu_ops/handoff.py packs them into, in this
-// order, each at a multiple of kPackedAlign bytes: q [n, Hq, D] (q's dtype), k_new, v_new [n, Hkv, D] (the pool's
-// dtype), layer [], slot_mapping [n], block_tables [n, max_blocks], context_lens [n] (int32). One buffer is one
-// copy for the CUDA handoff to stage instead of seven, each a driver call on the thread that launches the step.
-constexpr size_t kPackedAlign = 64;
-
-struct PackedAttentionLayout {
-  size_t q = 0, k_new = 0, v_new = 0, layer = 0, slot_mapping = 0, block_tables = 0, context_lens = 0;
-  size_t bytes = 0;  // of the whole buffer
-
-  PackedAttentionLayout(const AttentionShape& shape, const PagedKvCache& kv);
-  // The operands inside a copy of the packed buffer at `base`, with the output at `out`.
-  AttentionOperands operands(const char* base, void* out) const;
-};
-
 // The registered pool of a call, or nullptr with *error naming op and pool_id.
 std::shared_ptr<HostKvPool> pool_for_call(const char* op, int64_t pool_id, std::string* error);
 
 // Shapes and dtypes of the FFI operands against the pool ("" when fine, else an error naming the
-// operand or attribute); contents are checked by the run_* functions. A start's shape comes from its
-// attributes (q_dtype: 0 float32, 1 float16, 2 bfloat16) and must match its packed buffer's size.
-std::string check_attention_operands(const HostKvPool& pool, ffi::AnyBuffer packed, int64_t num_reqs,
-                                     int64_t num_q_heads, int64_t max_blocks_per_req, int64_t q_dtype,
-                                     AttentionShape* shape);
+// operand); contents are checked by the run_* functions.
+std::string check_attention_operands(const HostKvPool& pool, ffi::AnyBuffer q, ffi::AnyBuffer k_new,
+                                     ffi::AnyBuffer v_new, ffi::AnyBuffer layer,
+                                     ffi::AnyBuffer slot_mapping, ffi::AnyBuffer block_tables,
+                                     ffi::AnyBuffer context_lens, AttentionShape* shape);
 std::string check_kv_rows_operands(const char* op, const HostKvPool& pool, ffi::AnyBuffer k_rows,
                                    ffi::AnyBuffer v_rows, ffi::AnyBuffer layer,
                                    ffi::AnyBuffer slot_mapping);

@@ -191,32 +191,15 @@ def test_start_rejects_bad_shapes(changes, match):
         handoff.cpu_attention_start(pool, **start_args(**changes))
 
 
-@pytest.mark.parametrize("bytes_cut,attributes,match", [
-    (1, {}, r"the packed operands must be uint8 \[\d+\] for 2 requests of 8 heads and 4 blocks, got \d+ bytes"),
-    (0, dict(num_reqs=3), r"must be uint8 \[\d+\] for 3 requests"),
-    (0, dict(max_blocks_per_req=-1), "num_reqs and max_blocks_per_req must be >= 0"),
-    (0, dict(num_q_heads=3), "q has 3 heads, not a positive multiple of the pool's 2 kv heads"),
-    (0, dict(q_dtype=3), r"q_dtype 3 is none of 0 \(float32\), 1 \(float16\), 2 \(bfloat16\)"),
-])
-def test_handlers_check_the_packed_operands_themselves(bytes_cut, attributes, match):
+def test_handlers_check_shapes_themselves():
     pool = handoff.HostKvPool(1, NUM_BLOCKS, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM, np.float32)
     args = start_args()
-    packed = handoff._packed(tuple(jnp.asarray(value, jnp.int32 if name == "layer" else None)
-                                   for name, value in args.items()))
-    call = jax.ffi.ffi_call("neo_cpu_attention_start", jax.ShapeDtypeStruct((), jnp.int32), has_side_effect=True)
-    defaults = dict(pool_id=pool.pool_id, num_reqs=2, num_q_heads=NUM_Q_HEADS, max_blocks_per_req=MAX_BLOCKS, q_dtype=0)
-    attributes = {name: np.int64(value) for name, value in {**defaults, **attributes}.items()}
-    with pytest.raises(Exception, match=match):
-        jax.block_until_ready(call(packed[:packed.size - bytes_cut], jnp.zeros((), jnp.int32), **attributes))
-
-
-def test_packing_aligns_every_operand():
-    arrays = (jnp.ones((3, 5), ml_dtypes.bfloat16), jnp.arange(7, dtype=jnp.int32), jnp.array(9, jnp.int32))
-    packed = np.asarray(handoff._packed(arrays))
-    assert packed.dtype == np.uint8 and packed.size == 64 * 3
-    assert packed[:30].view(ml_dtypes.bfloat16).tolist() == [1.0] * 15 and not packed[30:64].any()
-    assert packed[64:92].view(np.int32).tolist() == list(range(7)) and not packed[92:128].any()
-    assert packed[128:132].view(np.int32).tolist() == [9]
+    args["k_new"] = jnp.zeros((2, NUM_KV_HEADS + 1, HEAD_DIM), jnp.float32)
+    call = jax.ffi.ffi_call("neo_cpu_attention_start", jax.ShapeDtypeStruct((), jnp.int32),
+                            has_side_effect=True)
+    operands = [jnp.asarray(value) for value in args.values()] + [jnp.zeros((), jnp.int32)]  # + dep
+    with pytest.raises(Exception, match=r"k_new must be float32 \[num_reqs, 2, 64\], got float32 \[2, 3, 64\]"):
+        jax.block_until_ready(call(*operands, pool_id=np.int64(pool.pool_id)))
 
 
 @pytest.mark.parametrize("changes,match", [
