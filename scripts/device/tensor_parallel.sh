@@ -4,9 +4,9 @@
 # scripts/benchmark_throughput.py. First the sharded tests on the GPUs' host (CPU backend) and on the GPUs,
 # then the runs.
 # Writes log.txt and tp${TP}_<policy>.json into $OUT; the offload policies get a host KV pool of $CPU_KV_GB GiB.
-# The device tool allows 10 minutes a command: SKIP_TESTS=1, SKIP_GPU_CHECKS=1, SKIP_PROFILE=1 and POLICIES="gpu-only" / "neo" split
-# the work; WARMUP=compile compiles the step programs in parallel (COMPILE_WORKERS at once, default 4; each 70B
-# program takes ~30 s) instead of an untimed replay. The neo run
+# The device tool allows 10 minutes a command: SKIP_TESTS=1, SKIP_GPU_CHECKS=1, SKIP_PROFILE=1 and
+# POLICIES="gpu-only" / "neo" split the work; WARMUP=compile compiles the step programs in parallel
+# (COMPILE_WORKERS at once, default 4; each 70B program takes ~30 s) instead of an untimed replay. The neo run
 # schedules with the table that the profile step measures over the TP devices.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -36,7 +36,8 @@ WORKLOAD=(--model llama-3.1-70b --dtype bfloat16 --tensor-parallel-size "$TP" --
   fi
   # The tiny checks of the test on the GPUs themselves: greedy tp=2 == tp=1, and the host-pool calls through
   # one CUDA handoff per GPU.
-  [ "${SKIP_GPU_CHECKS:-0}" != 1 ] && timeout "${GPU_CHECK_TIMEOUT:-150}" python3 - <<'PY'
+  if [ "${SKIP_GPU_CHECKS:-0}" != 1 ]; then
+    timeout "${GPU_CHECK_TIMEOUT:-150}" python3 - <<'PY'
 import sys
 sys.path.insert(0, "tests/neo_jax")
 import test_tensor_parallel as checks
@@ -47,7 +48,8 @@ print("gpu greedy tp2 == tp1:", checks.generate_greedy(2)["outputs"] == single)
 print("gpu greedy cpu-all tp2 == gpu-only tp1:", checks.generate_greedy(2, "cpu-all")["outputs"] == single)
 print("gpu host-pool calls tp2:", checks.host_attention_matches(2))
 PY
-  echo "gpu checks exit code $?"
+    echo "gpu checks exit code $?"
+  fi
   if [ "${SKIP_PROFILE:-0}" != 1 ]; then
     timeout "${PROFILE_TIMEOUT:-240}" python3 scripts/profile.py --model llama-3.1-70b --dtype bfloat16 \
       --tensor-parallel-size "$TP" --output "$OUT/cost_table_tp${TP}.json"
