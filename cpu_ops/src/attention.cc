@@ -161,25 +161,27 @@ void paged_decode_attention(const PagedKvCache& cache, const DecodeBatch& batch,
   });
 }
 
+void append_kv_rows(const PagedKvCache& cache, const KvAppend& append, int64_t begin, int64_t end) {
+  const int64_t row_bytes = cache.head_dim * static_cast<int64_t>(dtype_bytes(cache.dtype));
+  for (int64_t i = begin; i < end; ++i) {
+    const int32_t slot = append.slot_mapping[i];
+    if (slot < 0) continue;
+    const int64_t block = slot / cache.block_size, offset = slot % cache.block_size;
+    for (int64_t h = 0; h < cache.num_kv_heads; ++h) {
+      const int64_t dst = ((block * cache.num_kv_heads + h) * cache.block_size + offset) * row_bytes;
+      const int64_t src = (i * cache.num_kv_heads + h) * row_bytes;
+      std::memcpy(static_cast<char*>(cache.k) + dst, static_cast<const char*>(append.k_new) + src, row_bytes);
+      std::memcpy(static_cast<char*>(cache.v) + dst, static_cast<const char*>(append.v_new) + src, row_bytes);
+    }
+  }
+}
+
 void append_kv(const PagedKvCache& cache, const KvAppend& append, ThreadPool& pool) {
   // Small appends (a decode step's rows) run on the caller alone; a prefill's are spread out.
   constexpr int64_t kTokensPerTask = 64;
-  const int64_t row_bytes = cache.head_dim * static_cast<int64_t>(dtype_bytes(cache.dtype));
-  auto copy_rows = [&](int64_t task, int) {
-    const int64_t end = std::min(append.num_tokens, (task + 1) * kTokensPerTask);
-    for (int64_t i = task * kTokensPerTask; i < end; ++i) {
-      const int32_t slot = append.slot_mapping[i];
-      if (slot < 0) continue;
-      const int64_t block = slot / cache.block_size, offset = slot % cache.block_size;
-      for (int64_t h = 0; h < cache.num_kv_heads; ++h) {
-        const int64_t dst = ((block * cache.num_kv_heads + h) * cache.block_size + offset) * row_bytes;
-        const int64_t src = (i * cache.num_kv_heads + h) * row_bytes;
-        std::memcpy(static_cast<char*>(cache.k) + dst, static_cast<const char*>(append.k_new) + src, row_bytes);
-        std::memcpy(static_cast<char*>(cache.v) + dst, static_cast<const char*>(append.v_new) + src, row_bytes);
-      }
-    }
-  };
-  pool.parallel_for((append.num_tokens + kTokensPerTask - 1) / kTokensPerTask, copy_rows);
+  pool.parallel_for((append.num_tokens + kTokensPerTask - 1) / kTokensPerTask, [&](int64_t task, int) {
+    append_kv_rows(cache, append, task * kTokensPerTask, std::min(append.num_tokens, (task + 1) * kTokensPerTask));
+  });
 }
 
 }  // namespace neo

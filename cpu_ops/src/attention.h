@@ -83,5 +83,7 @@ std::string validate(const PagedKvCache& cache, const KvAppend& append);
 void paged_decode_attention(const PagedKvCache& cache, const DecodeBatch& batch, ThreadPool& pool,
                             Isa isa);
 void append_kv(const PagedKvCache& cache, const KvAppend& append, ThreadPool& pool);
+// Rows [begin, end) of `append`, on the calling thread.
+void append_kv_rows(const PagedKvCache& cache, const KvAppend& append, int64_t begin, int64_t end);
 
 }  // namespace neo

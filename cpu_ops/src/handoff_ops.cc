@@ -1,7 +1,9 @@
 #include "handoff_ops.h"
 
 #include <cmath>
+#include <algorithm>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 namespace neo {
@@ -71,12 +73,12 @@ std::string layer_runs(const char* op, const HostKvPool& pool, const KvRowsOpera
   return "";
 }
 
-void gather_rows(const PagedKvCache& cache, const int32_t* slot_mapping, int64_t num_rows,
+// Rows [begin, end) of k_rows / v_rows read from their slots (slot -1: zeros), on the calling thread.
+void gather_rows(const PagedKvCache& cache, const int32_t* slot_mapping, int64_t begin, int64_t end,
                  char* k_rows, char* v_rows) {
-  size_t item = dtype_bytes(cache.dtype);
-  size_t head_bytes = cache.head_dim * item;
+  size_t head_bytes = cache.head_dim * dtype_bytes(cache.dtype);
   size_t row_bytes = cache.num_kv_heads * head_bytes;
-  default_thread_pool().parallel_for(num_rows, [&](int64_t row, int) {
+  for (int64_t row = begin; row < end; ++row) {
     int64_t slot = slot_mapping[row];
     for (int64_t head = 0; head < cache.num_kv_heads; ++head) {
       char* k_dst = k_rows + row * row_bytes + head * head_bytes;
@@ -91,7 +93,20 @@ void gather_rows(const PagedKvCache& cache, const int32_t* slot_mapping, int64_t
       std::memcpy(k_dst, static_cast<const char*>(cache.k) + src, head_bytes);
       std::memcpy(v_dst, static_cast<const char*>(cache.v) + src, head_bytes);
     }
-  });
+  }
+}
+
+// A swap moves ~40k rows of 32 layers: one parallel_for over chunks of every layer's rows, each chunk
+// large enough that taking it (two atomics every worker shares) costs little next to its copies.
+constexpr int64_t kRowsPerTask = 64;
+
+void for_row_chunks(const std::vector<LayerRun>& runs, const std::function<void(const LayerRun&)>& body) {
+  std::vector<LayerRun> chunks;
+  for (const LayerRun& run : runs)
+    for (int64_t begin = run.begin; begin < run.end; begin += kRowsPerTask)
+      chunks.push_back({run.layer, begin, std::min(run.end, begin + kRowsPerTask)});
+  default_thread_pool().parallel_for(static_cast<int64_t>(chunks.size()),
+                                     [&](int64_t i, int) { body(chunks[i]); });
 }
 
 }  // namespace
@@ -188,7 +203,6 @@ std::string run_store(const HostKvPool& pool, const KvRowsOperands& operands) {
   std::vector<LayerRun> runs;
   std::string error = layer_runs(op, pool, operands, &runs);
   if (!error.empty()) return error;
-  std::vector<KvAppend> appends;
   for (const LayerRun& run : runs) {  // every run is checked before any is written
     KvAppend append;
     append.k_new = static_cast<const char*>(operands.k_rows) + run.begin * pool.row_bytes();
@@ -200,10 +214,11 @@ std::string run_store(const HostKvPool& pool, const KvRowsOperands& operands) {
       error += " (indices from row " + std::to_string(run.begin) + ", the first of layer " +
                std::to_string(run.layer) + ")";
     if (!error.empty()) return std::string(op) + ": " + error;
-    appends.push_back(append);
   }
-  for (size_t i = 0; i < runs.size(); ++i)
-    append_kv(pool.layer(runs[i].layer), appends[i], default_thread_pool());
+  KvAppend rows{operands.k_rows, operands.v_rows, operands.slot_mapping, operands.num_rows};
+  for_row_chunks(runs, [&](const LayerRun& chunk) {
+    append_kv_rows(pool.layer(chunk.layer), rows, chunk.begin, chunk.end);
+  });
   return "";
 }
 
@@ -222,10 +237,10 @@ std::string run_load(const HostKvPool& pool, const KvRowsOperands& operands) {
     std::memset(operands.v_rows, 0, operands.num_rows * pool.row_bytes());
     return error;
   }
-  for (const LayerRun& run : runs)
-    gather_rows(pool.layer(run.layer), operands.slot_mapping + run.begin, run.end - run.begin,
-                static_cast<char*>(operands.k_rows) + run.begin * pool.row_bytes(),
-                static_cast<char*>(operands.v_rows) + run.begin * pool.row_bytes());
+  for_row_chunks(runs, [&](const LayerRun& chunk) {
+    gather_rows(pool.layer(chunk.layer), operands.slot_mapping, chunk.begin, chunk.end,
+                static_cast<char*>(operands.k_rows), static_cast<char*>(operands.v_rows));
+  });
   return "";
 }
 
