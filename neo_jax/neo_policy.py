@@ -10,15 +10,16 @@ Policies:
 - "cpu-all": FastDecode-like, every decode's KV on the host and its attention on the CPU, in two
   halves that overlap each other's GPU work.
 - "neo": NEO's load-aware rule (MLSys 2025, section 4): keep the GPU pool full, offload what does
-  not fit, hide CPU attention under GPU time, and take the two-batch plan only when the cost model
-  predicts it beats the one-batch plan.
+  not fit (new prompts only where their decodes would pipeline; else they wait, as in gpu-only),
+  hide CPU attention under GPU time, and take the two-batch plan only when the cost model predicts
+  it beats the one-batch plan.
 Pure Python: no JAX.
 """
 
 from __future__ import annotations
 
 from operator import attrgetter
-from typing import Sequence
+from typing import Callable, Sequence
 
 from neo_jax.cost_model import CostModel
 from neo_jax.micro_batch import (MicroBatch, Prefill, offer_cpu_decodes, pipelined_layer_s, predicted_rate,
@@ -26,6 +27,8 @@ from neo_jax.micro_batch import (MicroBatch, Prefill, offer_cpu_decodes, pipelin
 from neo_jax.step_plan import CPU, GPU, POLICIES, DecodeView, PoolState, PrefillView, StepBudget, StepPlan
 
 _by_arrival = attrgetter("arrival")
+# (prompts admitted to the GPU pool this step, waiting prompts from the first one bound for the host) -> bool
+OffloadRule = Callable[[Sequence[PrefillView], Sequence[PrefillView]], bool]
 
 
 class _Admission:
@@ -44,12 +47,16 @@ class _Admission:
         """Per decode, whether this step's token opens a new block."""
         return [(d.context_len - 1) % self.block_size == 0 for d in decodes]
 
-    def admit_prefills(self, waiting: Sequence[PrefillView], use_gpu: bool, use_host: bool) -> list[Prefill]:
+    def admit_prefills(self, waiting: Sequence[PrefillView], use_gpu: bool, use_host: bool,
+                       offload_pays: OffloadRule = lambda on_gpu, rest: True) -> list[Prefill]:
         """In arrival order, to the GPU pool while it has room and no earlier one went to the host,
-        else to the host pool; stops at the first that fits nowhere."""
+        else to the host pool; stops at the first that fits nowhere. Chunks follow their earlier
+        chunks' pool; the first new prompt bound for the host goes only if `offload_pays(the prompts
+        admitted to the GPU, the rest from it on)`."""
         admitted: list[Prefill] = []
         host_taken = False
-        for view in sorted(waiting, key=_by_arrival):
+        ordered = sorted(waiting, key=_by_arrival)
+        for position, view in enumerate(ordered):
             num_tokens = min(view.num_tokens, self.tokens_left)
             if self.seqs_left < 1 or num_tokens < 1:
                 break
@@ -59,7 +66,8 @@ class _Admission:
             pool = view.pool or (GPU if fits_gpu else CPU)
             if pool == GPU and need <= self.gpu_free:
                 self.gpu_free -= need
-            elif pool == CPU and use_host and need <= self.host_free:
+            elif (pool == CPU and use_host and need <= self.host_free
+                  and (host_taken or view.pool == CPU or offload_pays(ordered[:position], ordered[position:]))):
                 self.host_free -= need
                 host_taken = True
             else:
@@ -107,6 +115,25 @@ def _first_batch(prefills: Sequence[Prefill], gpu_decodes: Sequence[DecodeView],
         batch.add_prefill(prefill)
     batch.add_gpu_decodes(gpu_decodes)
     return batch
+
+
+def _offloading_pays(gpu_decodes: Sequence[DecodeView], host_decodes: Sequence[DecodeView], state: _Admission,
+                     cost: CostModel, on_gpu: Sequence[PrefillView], rest: Sequence[PrefillView]) -> bool:
+    """Whether a decode step with today's GPU decodes and prompts on the GPU, and as host decodes
+    today's plus the rest's new prompts (as many as the host pool and the budget take), is predicted
+    to pipeline faster than the GPU side alone. If not, a prompt sent to the host would only wait
+    there to be swapped in: a copy that waiting for GPU room never pays."""
+    gpu = [*gpu_decodes, *(DecodeView(v.request_id, v.context_len, GPU, v.arrival) for v in on_gpu)]
+    batch0, batch1 = _first_batch((), gpu, cost), MicroBatch(cost)
+    gpu_only_rate = predicted_rate(batch0.requests, batch0.gpu_s, cost)
+    candidates, host_free = list(host_decodes), state.host_free
+    for view in rest:
+        host_free -= state.blocks(view.context_len)
+        if view.pool is not None or host_free < 0 or len(candidates) >= state.seqs_left:
+            break
+        candidates.append(DecodeView(view.request_id, view.context_len, CPU, view.arrival))
+    offer_cpu_decodes((batch0, batch1), candidates, len(candidates))
+    return predicted_rate(batch0.requests + batch1.requests, pipelined_layer_s(batch0, batch1), cost) > gpu_only_rate
 
 
 def _plan_gpu_only(waiting: Sequence[PrefillView], decodes: Sequence[DecodeView], state: _Admission,
@@ -197,7 +224,12 @@ def _plan_neo(waiting: Sequence[PrefillView], decodes: Sequence[DecodeView], sta
             host_decodes = host_decodes[count:]
     state.preempt_host_overflow(host_decodes, plan)
 
-    batch0 = _first_batch(state.admit_prefills(waiting, use_gpu=True, use_host=True), gpu_decodes, cost)
+    # New prompts take GPU room only when no older request waits on the host for it: a prompt let into
+    # the room a swap-out freed soon overflows the pool again (scripts/simulate_schedule.py on issue 6's
+    # (a) with the H200's table: 59 swap steps before this rule and the offload check, 36 after).
+    prefills = state.admit_prefills(waiting, use_gpu=not host_decodes, use_host=True, offload_pays=lambda on_gpu, rest: (
+        _offloading_pays(gpu_decodes, host_decodes, state, cost, on_gpu, rest)))
+    batch0 = _first_batch(prefills, gpu_decodes, cost)
     gpu_only = batch0.copy()
     trim_host_prefills(gpu_only, lambda: predicted_rate(gpu_only.requests, gpu_only.gpu_s, cost), lambda: True)
     plan.gpu_only_rate = predicted_rate(gpu_only.requests, gpu_only.gpu_s, cost)

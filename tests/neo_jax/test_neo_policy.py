@@ -74,6 +74,35 @@ def test_a_chunk_stays_in_the_pool_of_its_earlier_chunks():
     assert result.prefill_ids_cpu == [0, 1] and result.prefill_ids_gpu == []
 
 
+@pytest.mark.parametrize("num_gpu_decodes, num_waiting, offloaded", [
+    (100, 3, []),                   # 103 requests in two 1 ms passes against 100 in one
+    (2, 1, []),                     # 3 in two passes against 2 in one
+    (2, 3, [1000, 1001, 1002]),     # 5 in two passes beat 2 in one
+])
+def test_new_prompts_take_the_host_pool_only_if_their_decodes_would_pipeline(num_gpu_decodes, num_waiting, offloaded):
+    running = [decode(i, 18, "gpu") for i in range(num_gpu_decodes)]
+    waiting = [prefill(1000 + i, 40) for i in range(num_waiting)]
+    result = plan(waiting=waiting, running=running, pool_state=pools(gpu_total=200, gpu_free=0))
+    assert result.prefill_ids_cpu == offloaded and result.prefill_ids_gpu == []
+
+
+def test_a_new_prompt_never_takes_gpu_room_ahead_of_an_older_host_request():
+    # The host request needs 21 blocks and 10 are free: it stays on the host, and so does the prompt
+    # that one free block would take.
+    running = [decode(0, 18, "gpu"), decode(1, 321, "cpu")]
+    result = plan(waiting=[prefill(1000, 16)], running=running, pool_state=pools(gpu_total=100, gpu_free=10))
+    assert result.swap_in_ids == [] and result.prefill_ids_gpu == [] and result.prefill_ids_cpu == [1000]
+
+
+def test_a_host_chunk_goes_on_even_where_new_prompts_would_wait():
+    # One new prompt alone would wait (3 requests in two passes against 2 in one); after the chunk it
+    # follows to the host, as later prompts always do.
+    running = [decode(0, 18, "gpu"), decode(1, 18, "gpu")]
+    waiting = [PrefillView(1000, 16, 48, 0, pool="cpu"), prefill(1001, 40, arrival=1)]
+    result = plan(waiting=waiting, running=running, pool_state=pools(gpu_total=200, gpu_free=0))
+    assert result.prefill_ids_cpu == [1000, 1001]
+
+
 @pytest.mark.parametrize("budget, granted", [
     (StepBudget(max_num_tokens=2 + 80, max_num_seqs=100), {10: 40, 11: 40}),   # two decodes + two prompts
     (StepBudget(max_num_tokens=2 + 90, max_num_seqs=100), {10: 40, 11: 40, 12: 10}),   # + a 10-token chunk
@@ -174,7 +203,8 @@ def test_gpu_only_plan_wins_when_pipelining_would_lose():
 def test_host_prefills_are_trimmed_from_batch0_while_that_pays():
     running = ([decode(i, 18, "gpu") for i in range(50)]
                + [decode(100 + i, 1000, "cpu") for i in range(150)])
-    waiting = [prefill(1000, 16), prefill(1001, 400), prefill(1002, 400)]
+    # 1000 continues a prompt on the GPU; new prompts go to the host behind the host decodes.
+    waiting = [PrefillView(1000, 16, 32, 1000, pool="gpu"), prefill(1001, 400), prefill(1002, 400)]
     result = plan(waiting=waiting, running=running, pool_state=pools(gpu_total=200, gpu_free=2))
     # Batch-0's 866 tokens give batch-1 room to hide all 150 host decodes. Dropping the newest host
     # prefill keeps them hidden and shortens the step; dropping the next would take batch-0 below

@@ -148,9 +148,10 @@ def gpu_only_tokens():
 
 @pytest.mark.parametrize("policy, num_gpu_blocks, num_cpu_blocks, cpu_speed, expected_events", [
     ("cpu-all", 40, 120, 1.0, ("num_pipelined_steps", "host_prefills")),
-    ("neo", 24, 120, 0.01, ("num_pipelined_steps", "batch0_cpu_rows", "num_swap_out", "host_prefills")),
+    # neo sends prompts to the host only where the GPU pool is small enough that their decodes pipeline.
+    ("neo", 16, 120, 0.01, ("num_pipelined_steps", "batch0_cpu_rows", "num_swap_out", "host_prefills")),
     ("neo", 24, 120, 100.0, ("num_swap_out", "num_swap_in")),
-    ("neo", 14, 30, 0.01, ("num_preemptions", "host_prefills")),
+    ("neo", 14, 20, 0.01, ("num_preemptions", "host_prefills")),
 ])
 def test_offloading_matches_gpu_only(tmp_path, gpu_only_tokens, policy, num_gpu_blocks, num_cpu_blocks, cpu_speed,
                                      expected_events):
