@@ -5,8 +5,11 @@
 
 Requests join the engine when their arrival time has passed; every step's new tokens are time-stamped
 as soon as the step returns, which is when a server would stream them. Several rates make a sweep. Each
-rate is replayed once untimed first: arrivals mix prefills and decodes into step shapes that an offline
-warm-up never meets, and XLA compiles each shape once.
+rate is first replayed untimed until a replay compiles no new step program (at most --warmup-replays times):
+arrivals mix prefills and decodes into step shapes that an offline warm-up never meets, XLA compiles each
+shape once (~10 s for llama-3-8b on an H200), and a replay slowed by compiling mixes its arrivals differently
+from one that is not (one replay left 2-5 compilations in each timed run on the H200 at 380b862). The JSON's
+`warmup_replays` and `step_compilations` say how it went.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from bench_common import (
 )
 from neo_jax.benchmark_metrics import RequestTrace, format_bound, poisson_arrivals, summarize
 from neo_jax.engine import LLMEngine
+from neo_jax.model_runner import num_step_compilations
 
 
 def serve(engine: LLMEngine, prompts: list[list[int]], output_lens: list[int],
@@ -53,13 +57,29 @@ def serve(engine: LLMEngine, prompts: list[list[int]], output_lens: list[int],
     return traces, time.perf_counter() - start, meter
 
 
+def warm_up(engine: LLMEngine, prompts: list[list[int]], output_lens: list[int], arrivals: np.ndarray,
+            max_replays: int) -> int:
+    """Replays the arrivals untimed until a replay compiles no step program, at most `max_replays` times;
+    returns the number of replays."""
+    for replay in range(1, max_replays + 1):
+        compiled_before = num_step_compilations()
+        serve(engine, prompts, output_lens, arrivals)
+        if num_step_compilations() == compiled_before:
+            break
+    return replay
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_arguments(parser)
     add_workload_arguments(parser)
     parser.add_argument("--request-rate", type=float, nargs="+", default=[float("inf")],
                         help="requests per second; several values make a sweep; inf sends all at once")
+    parser.add_argument("--warmup-replays", type=int, default=3,
+                        help="most untimed replays of each rate before its timed run (>= 1)")
     args = parser.parse_args(argv)
+    if args.warmup_replays < 1:
+        parser.error(f"--warmup-replays: must be >= 1, got {args.warmup_replays}")
 
     engine = engine_from_args(args)
     workload = Workload.from_args(args, engine.model_config.vocab_size)
@@ -70,9 +90,10 @@ def main(argv: list[str] | None = None) -> None:
                "machine": machine_info(), "args": vars(args), **pool_sizes(engine), "runs": runs}
     for rate in args.request_rate:
         arrivals = poisson_arrivals(args.num_prompts, rate, np.random.default_rng(args.seed))
-        serve(engine, prompts, output_lens, arrivals)
+        replays = warm_up(engine, prompts, output_lens, arrivals, args.warmup_replays)
         traces, duration, meter = serve(engine, prompts, output_lens, arrivals)
-        runs.append({"request_rate": rate, **summarize(traces, duration), "bandwidth_bound": meter.bound(host_gb_per_s)})
+        runs.append({"request_rate": rate, "warmup_replays": replays, **summarize(traces, duration),
+                     "bandwidth_bound": meter.bound(host_gb_per_s)})
         print(f"{args.policy} rate {rate}: {runs[-1]['request_throughput']:.2f} req/s, "
               f"{runs[-1]['output_throughput']:.1f} output tokens/s, "
               f"p99 TPOT {runs[-1].get('p99_tpot_ms', float('nan')):.1f} ms; "

@@ -68,7 +68,14 @@ def test_serving_reports_each_rate_with_its_bound(results):
     assert [run["request_rate"] for run in runs] == [100, float("inf")]
     for run in runs:
         assert run["completed"] == 2 and run["p99_tpot_ms"] > 0
+        assert 1 <= run["warmup_replays"] <= 3
         check_bound(run["bandwidth_bound"], run["bandwidth_bound"]["counters"]["num_steps"])
+
+
+def test_serving_needs_a_warmup_replay(load_script, capsys):
+    with pytest.raises(SystemExit):
+        load_script("benchmark_serving").main(ENGINE_ARGS + ["--warmup-replays", "0"])
+    assert "--warmup-replays: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_plots_from_the_benchmark_json(results, load_script, tmp_path):
