@@ -119,11 +119,14 @@ def _first_batch(prefills: Sequence[Prefill], gpu_decodes: Sequence[DecodeView],
 
 def _offloading_pays(gpu_decodes: Sequence[DecodeView], host_decodes: Sequence[DecodeView], state: _Admission,
                      cost: CostModel, on_gpu: Sequence[PrefillView], rest: Sequence[PrefillView]) -> bool:
-    """Whether a decode step with today's GPU decodes and prompts on the GPU, and as host decodes
-    today's plus the rest's new prompts (as many as the host pool and the budget take), is predicted
-    to pipeline faster than the GPU side alone. If not, a prompt sent to the host would only wait
-    there to be swapped in: a copy that waiting for GPU room never pays."""
+    """Whether a decode step of this step's GPU decodes and prompts on the GPU, with this step's host
+    decodes plus the rest's new prompts (as many as the host pool and the budget take) as host
+    decodes, is predicted to pipeline faster than its GPU side alone. If not, a prompt sent to the
+    host would only wait there to be swapped in: a copy that waiting for GPU room never pays. True
+    where no room can come: nothing runs on the GPU, or the prompt needs more than the whole pool."""
     gpu = [*gpu_decodes, *(DecodeView(v.request_id, v.context_len, GPU, v.arrival) for v in on_gpu)]
+    if not gpu or state.blocks(rest[0].context_len) > state.gpu_total:
+        return True
     batch0, batch1 = _first_batch((), gpu, cost), MicroBatch(cost)
     gpu_only_rate = predicted_rate(batch0.requests, batch0.gpu_s, cost)
     candidates, host_free = list(host_decodes), state.host_free
@@ -227,8 +230,9 @@ def _plan_neo(waiting: Sequence[PrefillView], decodes: Sequence[DecodeView], sta
     # New prompts take GPU room only when no older request waits on the host for it: a prompt let into
     # the room a swap-out freed soon overflows the pool again (scripts/simulate_schedule.py on issue 6's
     # (a) with the H200's table: 59 swap steps before this rule and the offload check, 36 after).
-    prefills = state.admit_prefills(waiting, use_gpu=not host_decodes, use_host=True, offload_pays=lambda on_gpu, rest: (
-        _offloading_pays(gpu_decodes, host_decodes, state, cost, on_gpu, rest)))
+    prefills = state.admit_prefills(
+        waiting, use_gpu=not host_decodes, use_host=True,
+        offload_pays=lambda on_gpu, rest: _offloading_pays(gpu_decodes, host_decodes, state, cost, on_gpu, rest))
     batch0 = _first_batch(prefills, gpu_decodes, cost)
     gpu_only = batch0.copy()
     trim_host_prefills(gpu_only, lambda: predicted_rate(gpu_only.requests, gpu_only.gpu_s, cost), lambda: True)

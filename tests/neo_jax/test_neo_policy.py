@@ -94,6 +94,15 @@ def test_a_new_prompt_never_takes_gpu_room_ahead_of_an_older_host_request():
     assert result.swap_in_ids == [] and result.prefill_ids_gpu == [] and result.prefill_ids_cpu == [1000]
 
 
+@pytest.mark.parametrize("running, prompt_len", [
+    ([], 40),                                           # nothing on the GPU would ever free room
+    ([decode(0, 18, "gpu"), decode(1, 18, "gpu")], 200),   # 13 blocks: more than the whole GPU pool
+])
+def test_a_prompt_goes_to_the_host_where_gpu_room_cannot_come(running, prompt_len):
+    result = plan(waiting=[prefill(1000, prompt_len)], running=running, pool_state=pools(gpu_total=10, gpu_free=0))
+    assert result.prefill_ids_cpu == [1000]
+
+
 def test_a_host_chunk_goes_on_even_where_new_prompts_would_wait():
     # One new prompt alone would wait (3 requests in two passes against 2 in one); after the chunk it
     # follows to the host, as later prompts always do.
