@@ -10,6 +10,8 @@
 # compiles in ~10 s on the GPU (a run needs ~20 of them): the XLA cache lets later steps and calls on a warm
 # machine reuse the programs, and WARMUP=compile makes the throughput runs compile their programs in parallel
 # (COMPILE_WORKERS at once, default 4) instead of replaying the workload untimed (benchmark_throughput.py --warmup).
+# A serving sweep replays each rate untimed up to 3 times before timing it: give it a call of its own per policy
+# (POLICIES=neo, then POLICIES=gpu-only) if both do not fit.
 # Every step runs under `timeout`, bounded by what is left of BUDGET_S (default 570 s, for a 10-minute call);
 # a step that no longer fits is skipped and logged. Results go to benchmarks/results/ (JSON, as they come) and
 # benchmarks/cost_tables/ (profiled tables, reused when present) in the tree; after every step the files this
@@ -89,7 +91,7 @@ run() {
   [[ $BENCHMARKS == *serving* ]] && for policy in $POLICIES; do
     local offload=()
     [[ $policy != gpu-only ]] && offload=(--cpu-kv-cache-gb 16)
-    step 300 "($id) serving $policy" python3 scripts/benchmark_serving.py "${common[@]}" "${engine_args[@]}" \
+    step 540 "($id) serving $policy" python3 scripts/benchmark_serving.py "${common[@]}" "${engine_args[@]}" \
       "${offload[@]}" --policy "$policy" --num-prompts "$serving_prompts" --request-rate "${rate_args[@]}" \
       --output-json "$RESULTS/${id}_${policy}_serving.json"
   done
