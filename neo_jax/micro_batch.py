@@ -86,8 +86,18 @@ def pipelined_layer_s(batch0: MicroBatch, batch1: MicroBatch) -> float:
     return batch0.gpu_s + batch1.gpu_s + max(0.0, -spare0) + max(0.0, -spare1)
 
 
-def predicted_rate(requests: int, layer_s: float, cost: CostModel) -> float:
+def _requests_per_s(requests: int, layer_s: float, cost: CostModel) -> float:
     return requests / (layer_s * cost.num_layers) if layer_s > 0.0 else 0.0
+
+
+def gpu_only_rate(batch: MicroBatch) -> float:
+    """Predicted requests per second of a step that runs `batch` alone."""
+    return _requests_per_s(batch.requests, batch.gpu_s, batch.cost)
+
+
+def pipelined_rate(batch0: MicroBatch, batch1: MicroBatch) -> float:
+    """Predicted requests per second of a step that pipelines the two batches."""
+    return _requests_per_s(batch0.requests + batch1.requests, pipelined_layer_s(batch0, batch1), batch0.cost)
 
 
 def offer_cpu_decodes(batches: tuple[MicroBatch, MicroBatch], queue: Sequence[DecodeView], limit: int) -> None:

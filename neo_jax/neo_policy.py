@@ -22,8 +22,8 @@ from operator import attrgetter
 from typing import Callable, Sequence
 
 from neo_jax.cost_model import CostModel
-from neo_jax.micro_batch import (MicroBatch, Prefill, offer_cpu_decodes, pipelined_layer_s, predicted_rate,
-                                 spare_times, split_cpu_decodes, trim_host_prefills)
+from neo_jax.micro_batch import (MicroBatch, Prefill, gpu_only_rate, offer_cpu_decodes, pipelined_layer_s,
+                                 pipelined_rate, spare_times, split_cpu_decodes, trim_host_prefills)
 from neo_jax.step_plan import CPU, GPU, POLICIES, DecodeView, PoolState, PrefillView, StepBudget, StepPlan
 
 _by_arrival = attrgetter("arrival")
@@ -128,7 +128,7 @@ def _offloading_pays(gpu_decodes: Sequence[DecodeView], host_decodes: Sequence[D
     if not gpu or state.blocks(rest[0].context_len) > state.gpu_total:
         return True
     batch0, batch1 = _first_batch((), gpu, cost), MicroBatch(cost)
-    gpu_only_rate = predicted_rate(batch0.requests, batch0.gpu_s, cost)
+    alone = gpu_only_rate(batch0)
     candidates, host_free = list(host_decodes), state.host_free
     for view in rest:
         host_free -= state.blocks(view.context_len)
@@ -136,7 +136,7 @@ def _offloading_pays(gpu_decodes: Sequence[DecodeView], host_decodes: Sequence[D
             break
         candidates.append(DecodeView(view.request_id, view.context_len, CPU, view.arrival))
     offer_cpu_decodes((batch0, batch1), candidates, len(candidates))
-    return predicted_rate(batch0.requests + batch1.requests, pipelined_layer_s(batch0, batch1), cost) > gpu_only_rate
+    return pipelined_rate(batch0, batch1) > alone
 
 
 def _plan_gpu_only(waiting: Sequence[PrefillView], decodes: Sequence[DecodeView], state: _Admission,
@@ -161,7 +161,7 @@ def _plan_gpu_only(waiting: Sequence[PrefillView], decodes: Sequence[DecodeView]
     plan.preempt_ids.reverse()
     prefills = [] if plan.preempt_ids else state.admit_prefills(waiting, use_gpu=True, use_host=False)
     batch0 = _first_batch(prefills, queue[:scheduled], cost)
-    plan.gpu_only_rate = predicted_rate(batch0.requests, batch0.gpu_s, cost)
+    plan.gpu_only_rate = gpu_only_rate(batch0)
     return _fill(plan, batch0, MicroBatch(cost))
 
 
@@ -184,7 +184,7 @@ def _plan_cpu_all(waiting: Sequence[PrefillView], decodes: Sequence[DecodeView],
     state.tokens_left -= len(queue)
     batches = (_first_batch(state.admit_prefills(waiting, use_gpu=False, use_host=True), (), cost), MicroBatch(cost))
     split_cpu_decodes(batches, queue)
-    plan.pipelined_rate = predicted_rate(batches[0].requests + batches[1].requests, pipelined_layer_s(*batches), cost)
+    plan.pipelined_rate = pipelined_rate(*batches)
     return _fill(plan, *batches)
 
 
@@ -235,24 +235,21 @@ def _plan_neo(waiting: Sequence[PrefillView], decodes: Sequence[DecodeView], sta
         offload_pays=lambda on_gpu, rest: _offloading_pays(gpu_decodes, host_decodes, state, cost, on_gpu, rest))
     batch0 = _first_batch(prefills, gpu_decodes, cost)
     gpu_only = batch0.copy()
-    trim_host_prefills(gpu_only, lambda: predicted_rate(gpu_only.requests, gpu_only.gpu_s, cost), lambda: True)
-    plan.gpu_only_rate = predicted_rate(gpu_only.requests, gpu_only.gpu_s, cost)
+    trim_host_prefills(gpu_only, lambda: gpu_only_rate(gpu_only), lambda: True)
+    plan.gpu_only_rate = gpu_only_rate(gpu_only)
     batch1 = MicroBatch(cost)
     offer_cpu_decodes((batch0, batch1), host_decodes, min(state.seqs_left, state.tokens_left))
     if batch1.cpu_decode_ids:
-        def pipelined_rate() -> float:
-            return predicted_rate(batch0.requests + batch1.requests, pipelined_layer_s(batch0, batch1), cost)
-
-        trim_host_prefills(batch0, pipelined_rate, lambda: min(spare_times(batch0, batch1)) >= 0.0)
-        plan.pipelined_rate = pipelined_rate()
+        trim_host_prefills(batch0, lambda: pipelined_rate(batch0, batch1),
+                           lambda: min(spare_times(batch0, batch1)) >= 0.0)
+        plan.pipelined_rate = pipelined_rate(batch0, batch1)
     if plan.pipelined_rate > plan.gpu_only_rate:
         return _fill(plan, batch0, batch1)
     if gpu_only.requests == 0 and host_decodes:
         # Nothing on the GPU to hide CPU attention under: run the host decodes unhidden rather than stall.
         batches = (MicroBatch(cost), MicroBatch(cost))
         split_cpu_decodes(batches, host_decodes[:max(0, min(state.seqs_left, state.tokens_left))])
-        plan.pipelined_rate = predicted_rate(batches[0].requests + batches[1].requests, pipelined_layer_s(*batches),
-                                             cost)
+        plan.pipelined_rate = pipelined_rate(*batches)
         return _fill(plan, *batches)
     return _fill(plan, gpu_only, MicroBatch(cost))
 

@@ -1,7 +1,7 @@
 #include "handoff_ops.h"
 
-#include <cmath>
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <vector>
