@@ -6,10 +6,12 @@
 Requests join the engine when their arrival time has passed; every step's new tokens are time-stamped
 as soon as the step returns, which is when a server would stream them. Several rates make a sweep. Each
 rate is first replayed untimed until a replay compiles no new step program (at most --warmup-replays times):
-arrivals mix prefills and decodes into step shapes that an offline warm-up never meets, XLA compiles each
-shape once (~10 s for llama-3-8b on an H200), and a replay slowed by compiling mixes its arrivals differently
-from one that is not (one replay left 2-5 compilations in each timed run on the H200 at 380b862). The JSON's
-`warmup_replays` and `step_compilations` say how it went.
+arrivals mix prefills and decodes into step shapes that an offline warm-up never meets, and XLA compiles each
+shape once (~10 s for llama-3-8b on an H200). A replay's arrival clock stops while a step compiles, so it mixes
+its arrivals as a run without compiles does and meets that run's shapes: replays whose clock ran on piled up
+requests behind each compile, met new shapes for it, and still left 2-3 compilations in the timed runs of the
+lower rates after three replays on the H200 at 7fea9ce. The JSON's `warmup_replays` and `step_compilations`
+say how it went.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from neo_jax.engine import LLMEngine
 from neo_jax.model_runner import num_step_compilations
 
 
-def serve(engine: LLMEngine, prompts: list[list[int]], output_lens: list[int],
-          arrivals: np.ndarray) -> tuple[list[RequestTrace], float, StepMeter]:
-    """Replays the arrivals against the engine; each request's token times, the run's duration, the steps' meter."""
+def serve(engine: LLMEngine, prompts: list[list[int]], output_lens: list[int], arrivals: np.ndarray,
+          pause_for_compiles: bool = False) -> tuple[list[RequestTrace], float, StepMeter]:
+    """Replays the arrivals against the engine; each request's token times, the run's duration, the steps' meter.
+    `pause_for_compiles`: a step that compiles a program takes no time on the arrival clock."""
     meter = StepMeter(engine)
     traces = [RequestTrace(arrival=float(a), prompt_len=len(p)) for a, p in zip(arrivals, prompts)]
     live: dict[int, tuple[RequestTrace, object]] = {}
@@ -47,7 +50,10 @@ def serve(engine: LLMEngine, prompts: list[list[int]], output_lens: list[int],
             if not engine.has_unfinished_requests():
                 time.sleep(max(0.0, arrivals[next_arrival] - now))
                 continue
+            compiled_before, step_start = num_step_compilations(), time.perf_counter()
             finished = meter.step()
+            if pause_for_compiles and num_step_compilations() != compiled_before:
+                start += time.perf_counter() - step_start
             stamp = time.perf_counter() - start
             for trace, request in live.values():
                 trace.token_times.extend([stamp] * (len(request.output_token_ids) - trace.output_len))
@@ -63,7 +69,7 @@ def warm_up(engine: LLMEngine, prompts: list[list[int]], output_lens: list[int],
     returns the number of replays."""
     for replay in range(1, max_replays + 1):
         compiled_before = num_step_compilations()
-        serve(engine, prompts, output_lens, arrivals)
+        serve(engine, prompts, output_lens, arrivals, pause_for_compiles=True)
         if num_step_compilations() == compiled_before:
             break
     return replay

@@ -5,7 +5,8 @@
 throughput.png: output tokens/s per policy, grouped by scenario; each bar says its ratio to gpu-only in the
 same scenario and its run's bandwidth bound, drawn as a tick at gpu-only's throughput x that bound.
 latency.png: one row per scenario, p99 TTFT and p99 TPOT vs request rate, a line per policy (an infinite
-rate, everything sent at once, has no place on the axis and is left out).
+rate, everything sent at once, has no place on the axis and is left out). A black X marks a point whose timed
+run compiled step programs: its latencies time XLA, not the engine.
 """
 
 from __future__ import annotations
@@ -101,14 +102,23 @@ def latency_curves(results: list[dict]) -> dict[str, dict[str, list[tuple[float,
     return curves
 
 
+def timed_run_compiled(run: dict) -> bool:
+    return run.get("bandwidth_bound", {}).get("step_compilations", 0) > 0
+
+
 def plot_latency(curves: dict[str, dict[str, list[tuple[float, dict]]]], path: pathlib.Path) -> pathlib.Path:
     metrics = (("p99_ttft_ms", "p99 TTFT (ms)"), ("p99_tpot_ms", "p99 TPOT (ms)"))
     fig, axes = plt.subplots(len(curves), len(metrics), figsize=(10, 3.5 * len(curves)), squeeze=False)
     for row, (scenario, lines) in zip(axes, curves.items()):
         for ax, (key, label) in zip(row, metrics):
+            compiled = []
             for policy in sorted(lines, key=policy_sort_key):
                 points = sorted((rate, run[key]) for rate, run in lines[policy] if key in run)
                 ax.plot([r for r, _ in points], [v for _, v in points], "o-", color=policy_color(policy), label=policy)
+                compiled += [(rate, run[key]) for rate, run in lines[policy] if key in run and timed_run_compiled(run)]
+            if compiled:
+                ax.plot(*zip(*compiled), "X", color="black", markersize=9, linestyle="none",
+                        label="compiled in the timed run")
             ax.set_xlabel("request rate (req/s)")
             ax.set_ylabel(label)
             ax.set_title(scenario, fontsize=9)

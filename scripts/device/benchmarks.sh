@@ -10,8 +10,8 @@
 # compiles in ~10 s on the GPU (a run needs ~20 of them): the XLA cache lets later steps and calls on a warm
 # machine reuse the programs, and WARMUP=compile makes the throughput runs compile their programs in parallel
 # (COMPILE_WORKERS at once, default 4) instead of replaying the workload untimed (benchmark_throughput.py --warmup).
-# A serving sweep replays each rate untimed up to 3 times before timing it: give it a call of its own per policy
-# (POLICIES=neo, then POLICIES=gpu-only) if both do not fit.
+# A serving sweep replays each rate untimed (up to 3 times, until a replay compiles nothing) before timing it:
+# give it a call of its own per policy (POLICIES=neo, then POLICIES=gpu-only) if both do not fit.
 # Every step runs under `timeout`, bounded by what is left of BUDGET_S (default 570 s, for a 10-minute call);
 # a step that no longer fits is skipped and logged. Results go to benchmarks/results/ (JSON, as they come) and
 # benchmarks/cost_tables/ (profiled tables, reused when present) in the tree; after every step the files this
@@ -108,12 +108,16 @@ run() {
   echo "build: $(( $(date +%s) - START )) s"
   for id in "${SCENARIOS[@]}"; do
     case $id in
-      a) run a llama-3-8b "(a) 8B, GPU KV 1.5 GiB" "--gpu-kv-cache-gb 1.5" 64 24 16 "1.5 3" ;;
-      d) run d llama-3-8b "(d) 8B, GPU KV plenty" "" 200 32 32 "4 12" ;;
-      b) run b llama-3-8b "(b) 8B, GPU KV 5 GiB" "--gpu-kv-cache-gb 5" 96 32 24 "2 6" ;;
+      # Serving: rates near and past the GPU-only throughput (3.4, 6.7, 1.9 and 11 requests/s on the H200) and
+      # enough prompts that requests queue and the GPU pool runs short (Little's law: rate x ~2.5 s of decoding
+      # for the 8B, ~7.5 s for the 34B, against pools of ~9, ~31 and ~29 requests); the 16-24 prompts at lower
+      # rates of 7fea9ce never preempted or swapped.
+      a) run a llama-3-8b "(a) 8B, GPU KV 1.5 GiB" "--gpu-kv-cache-gb 1.5" 64 24 48 "3 4" ;;
+      d) run d llama-3-8b "(d) 8B, GPU KV plenty" "" 200 32 64 "6 12" ;;
+      b) run b llama-3-8b "(b) 8B, GPU KV 5 GiB" "--gpu-kv-cache-gb 5" 96 32 64 "6 10" ;;
       # On the H200 the 34B leaves ~60 GiB of KV memory; 7 GiB is what 80 GB leave next to its 63 GiB of
       # weights, the H100 that the scenario stands for.
-      c) run c llama-34b "(c) 34B, GPU KV 7 GiB" "--gpu-kv-cache-gb 7" 48 16 16 "1 2" ;;
+      c) run c llama-34b "(c) 34B, GPU KV 7 GiB" "--gpu-kv-cache-gb 7" 48 16 32 "2 3" ;;
       *) echo "unknown scenario '$id' (a, b, c or d)" ;;
     esac
   done

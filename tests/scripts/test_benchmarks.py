@@ -4,8 +4,14 @@ made from their JSON."""
 from __future__ import annotations
 
 import json
+import time
 
+import numpy as np
 import pytest
+
+from neo_jax import model_runner
+from neo_jax.config import EngineConfig
+from neo_jax.engine import LLMEngine
 
 # Small enough that both benchmarks compile the same few step shapes.
 ENGINE_ARGS = ["--model", "tiny", "--max-model-len", "64", "--max-num-seqs", "2", "--max-num-batched-tokens", "16",
@@ -72,6 +78,29 @@ def test_serving_reports_each_rate_with_its_bound(results):
         check_bound(run["bandwidth_bound"], run["bandwidth_bound"]["counters"]["num_steps"])
 
 
+@pytest.mark.parametrize("pause_for_compiles", [True, False])
+def test_a_warm_up_replay_stops_its_clock_while_a_step_compiles(load_script, monkeypatch, pause_for_compiles):
+    """The first step of a request that arrives at 0 stands for one that compiles for 0.5 s: a warm-up replay does
+    not count that time (its arrivals then mix as in a run without compiles), a timed run does."""
+    serving = load_script("benchmark_serving")
+    engine = LLMEngine(EngineConfig(model="tiny", max_model_len=64, max_num_seqs=2, max_num_batched_tokens=16))
+    prompts, output_lens, arrivals = [[5] * 16], [3], np.zeros(1)
+    serving.serve(engine, prompts, output_lens, arrivals)  # compiles the real programs
+    step, calls = engine.step, []
+
+    def compiling_step():
+        if not calls:
+            time.sleep(0.5)
+            monkeypatch.setattr(model_runner, "_num_traces", model_runner.num_step_compilations() + 1)
+        calls.append(1)
+        return step()
+
+    monkeypatch.setattr(engine, "step", compiling_step)
+    (trace,), _, _ = serving.serve(engine, prompts, output_lens, arrivals, pause_for_compiles=pause_for_compiles)
+    first_token_s = trace.token_times[0] - trace.arrival
+    assert (first_token_s < 0.5) if pause_for_compiles else (first_token_s >= 0.5)
+
+
 def test_serving_needs_a_warmup_replay(load_script, capsys):
     with pytest.raises(SystemExit):
         load_script("benchmark_serving").main(ENGINE_ARGS + ["--warmup-replays", "0"])
@@ -84,13 +113,20 @@ def test_plots_from_the_benchmark_json(results, load_script, tmp_path):
     inputs.mkdir()
     for name, result in results.items():
         (inputs / f"gpu-only_{name}.json").write_text(json.dumps(result))
-        faster = dict(result, policy="neo", output_tokens_per_s=result.get("output_tokens_per_s", 0) * 1.3)
+        faster = json.loads(json.dumps(dict(result, policy="neo",
+                                            output_tokens_per_s=result.get("output_tokens_per_s", 0) * 1.3)))
+        if name == "serving":  # its first rate's timed run compiled: marked on the latency plot
+            faster["runs"][0]["bandwidth_bound"]["step_compilations"] = 2
         (inputs / f"neo_{name}.json").write_text(json.dumps(faster))
     (inputs / "notes.json").write_text(json.dumps({"not": "a benchmark"}))
-    written = load_script("plot_benchmarks").main([str(inputs), "--output-dir", str(tmp_path / "plots")])
+    plot_benchmarks = load_script("plot_benchmarks")
+    written = plot_benchmarks.main([str(inputs), "--output-dir", str(tmp_path / "plots")])
     assert sorted(p.name for p in written) == ["latency.png", "throughput.png"]
     for path in written:
         assert path.read_bytes().startswith(PNG_MAGIC)
+    serving = results["serving"]["runs"][0]
+    assert not plot_benchmarks.timed_run_compiled(serving)
+    assert plot_benchmarks.timed_run_compiled(json.loads((inputs / "neo_serving.json").read_text())["runs"][0])
 
 
 def test_plot_rejects_results_without_scenario(load_script, tmp_path):
