@@ -13,10 +13,9 @@ import torch
 import transformers
 
 from neo_jax.models.config import PRESETS
+from tiny_engine import ENGINE_OPTIONS
 
 TINY = PRESETS["tiny"]
-# Engine sizes most tests use: 8 requests, 64 tokens per step, 128-token requests, blocks of 8.
-ENGINE_OPTIONS = dict(max_model_len=128, block_size=8, num_gpu_blocks=96, max_num_seqs=8, max_num_batched_tokens=64)
 
 
 @pytest.fixture(scope="session")

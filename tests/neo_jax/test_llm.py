@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import ENGINE_OPTIONS
+from tiny_engine import ENGINE_OPTIONS
 from neo_jax import LLM, SamplingParams
 from neo_jax.model_runner import num_step_compilations
 

@@ -7,7 +7,7 @@ import shutil
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from conftest import ENGINE_OPTIONS
+from tiny_engine import ENGINE_OPTIONS
 from neo_jax import LLM, SamplingParams
 from neo_jax.tokenizer import BYTE_OFFSET, ByteTokenizer, HFTokenizer
 
