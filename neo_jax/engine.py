@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import time
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -15,7 +17,7 @@ from neo_jax.block_manager import BlockPool, blocks_for
 from neo_jax.config import EngineConfig
 from neo_jax.cost_model import CostModel, HardwareSpec, MachineId, gpu_side_name, load_cost_model
 from neo_jax.kv_cache import allocate_host_kv_pool, num_cpu_blocks, num_gpu_blocks
-from neo_jax.model_runner import ModelRunner
+from neo_jax.model_runner import ModelRunner, StepPhases
 from neo_jax.models import llama, loading
 from neo_jax.models.config import ModelConfig, get_config
 from neo_jax.sampling_params import SamplingParams
@@ -69,6 +71,7 @@ class LLMEngine:
                                   mesh)
         self._seed_generator = np.random.default_rng(config.seed)
         self._next_request_id = 0
+        self.last_step_phases = StepPhases()
 
     def _new_scheduler(self, pool: BlockPool, host_pool: BlockPool | None) -> Scheduler | PipelineScheduler:
         if self.config.offloads:
@@ -136,14 +139,21 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[Request]:
-        """Schedules and runs one step; returns the requests that finished in it."""
+        """Schedules and runs one step; returns the requests that finished in it. `last_step_phases` then holds
+        its host time by phase."""
+        start = time.perf_counter()
         schedule = self.scheduler.schedule()
         chunks = scheduled_chunks(schedule)
         if not chunks:
             raise RuntimeError(f"the scheduler found nothing to run for {len(self.scheduler.waiting)} waiting and "
                                f"{len(self.scheduler.running)} running requests (KV pools too small?)")
+        scheduled = time.perf_counter()
         sampled = self.runner.execute(schedule, self.eos_token_ids)
-        return book_step(self.scheduler, chunks, sampled, self.eos_token_ids, self.max_model_len)
+        executed = time.perf_counter()
+        finished = book_step(self.scheduler, chunks, sampled, self.eos_token_ids, self.max_model_len)
+        self.last_step_phases = dataclasses.replace(self.runner.last_phases, schedule_s=scheduled - start,
+                                                    book_s=time.perf_counter() - executed)
+        return finished
 
     def compile_ahead(self, requests: Sequence[tuple[Sequence[int], SamplingParams]], max_workers: int = 4) -> int:
         """Compiles, `max_workers` at a time, the step programs that serving `requests` on this idle engine would

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -112,6 +113,17 @@ class PackedStep:
         return self.pipelined, host_layout((self.batch, self.sampling))
 
 
+@dataclasses.dataclass
+class StepPhases:
+    """Host wall seconds of one engine step, phase by phase (the benchmarks report their medians)."""
+
+    schedule_s: float = 0.0     # the scheduler's plan, applied to the pools
+    pack_s: float = 0.0         # the step's padded arrays
+    launch_s: float = 0.0       # the jitted call: dispatch, the input copy, XLA enqueueing the program
+    device_wait_s: float = 0.0  # until the sampled tokens reach the host
+    book_s: float = 0.0         # the tokens booked on their requests
+
+
 class ModelRunner:
     """Executes steps on one model's params and GPU KV cache (both sharded over `mesh` when given)."""
 
@@ -126,6 +138,7 @@ class ModelRunner:
                                           None if mesh is None else kv_cache_sharding(mesh))
         self.host_pool = host_pool
         self.last_logits: jax.Array | None = None  # float32[R, V] of the latest step's sampled rows
+        self.last_phases = StepPhases()              # of the latest `execute`: pack, launch, device wait
         self._sampled_rows: dict[int, int] = {}
 
     def run(self, batch: StepBatch, sampling: SamplingBatch) -> jax.Array:
@@ -159,8 +172,14 @@ class ModelRunner:
     def execute(self, schedule: PipelineSchedule | list[ScheduledChunk],
                 eos_token_ids: tuple[int, ...]) -> dict[int, int]:
         """Computes the step; the sampled next token of each request that samples, by request id."""
+        start = time.perf_counter()
         step = self.pack(schedule, eos_token_ids)
-        tokens = np.asarray(self.run_packed(step))
+        packed = time.perf_counter()
+        tokens = self.run_packed(step)
+        launched = time.perf_counter()
+        tokens = np.asarray(tokens)
+        self.last_phases = StepPhases(pack_s=packed - start, launch_s=launched - packed,
+                                      device_wait_s=time.perf_counter() - launched)
         self._sampled_rows = {r.request_id: row for row, r in enumerate(step.sampled_requests) if r is not None}
         return {request_id: int(tokens[row]) for request_id, row in self._sampled_rows.items()}
 

@@ -110,6 +110,7 @@ class StepMeter:
         self.engine = engine
         self.step_times: list[float] = []
         self.step_counters: list[dict[str, int]] = []  # per step, the counters it changed and by how much
+        self.step_phases: list[dict[str, float]] = []   # per step, engine.last_step_phases
         self._start = self._last = dataclasses.asdict(engine.scheduler.stats)
         self._start_compilations = num_step_compilations()
         self._start_xla_compilations = num_xla_compilations()
@@ -118,6 +119,7 @@ class StepMeter:
         start = time.perf_counter()
         finished = self.engine.step()
         self.step_times.append(time.perf_counter() - start)
+        self.step_phases.append(dataclasses.asdict(self.engine.last_step_phases))
         before, self._last = self._last, dataclasses.asdict(self.engine.scheduler.stats)
         self.step_counters.append({name: now - before[name] for name, now in self._last.items() if now != before[name]})
         return finished
@@ -136,19 +138,26 @@ class StepMeter:
         order = sorted(range(len(self.step_times)), key=self.step_times.__getitem__, reverse=True)[:count]
         return [{"step": i, "ms": 1000.0 * self.step_times[i], **self.step_counters[i]} for i in order]
 
+    def median_phase_ms(self) -> dict[str, float]:
+        """Per phase of `StepPhases` (schedule_s -> schedule_ms, ...), its median over the steps."""
+        return {name.removesuffix("_s") + "_ms": 1000.0 * float(np.median([p[name] for p in self.step_phases]))
+                for name in self.step_phases[0]}
+
     def counters(self) -> dict[str, int]:
         return {name: now - self._start[name] for name, now in self._last.items()}
 
     def bound(self, host_gb_per_s: float) -> dict[str, Any]:
         """The run's counters and its bandwidth bound on the gain over GPU-only (benchmark_metrics), with the
-        median and longest step and the step programs compiled meanwhile (each an XLA compile inside the run)."""
+        median and longest step, the median host time of each phase of a step, and the step programs compiled
+        meanwhile (each an XLA compile inside the run)."""
         counters, config = self.counters(), self.engine.model_config
         per_token = kv_bytes_per_token(config.num_layers, config.num_kv_heads, config.head_dim,
                                        DTYPE_BYTES[config.dtype])
         bound = bandwidth_bound(host_gb_per_s * 1e9, sum(self.step_times), counters["num_steps"],
                                 counters["gpu_kv_tokens_read"], counters["cpu_kv_tokens_read"], per_token)
         return {"counters": counters, **bound, "median_step_ms": 1000.0 * float(np.median(self.step_times)),
-                "max_step_ms": 1000.0 * max(self.step_times), "seconds_by_step_kind": self.seconds_by_kind(),
+                "max_step_ms": 1000.0 * max(self.step_times), "median_phase_ms": self.median_phase_ms(),
+                "seconds_by_step_kind": self.seconds_by_kind(),
                 "slowest_steps": self.slowest_steps(),
                 "step_compilations": num_step_compilations() - self._start_compilations,
                 "xla_compilations": num_xla_compilations() - self._start_xla_compilations}

@@ -1,6 +1,10 @@
-"""LLMEngine.compile_ahead: the step programs of a workload compiled before it runs, in parallel threads."""
+"""LLMEngine.compile_ahead (the step programs of a workload compiled before it runs, in parallel threads) and the
+host time of a step by phase."""
 
 from __future__ import annotations
+
+import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -62,3 +66,18 @@ def test_tokens_that_end_requests_make_later_steps_compile_instead():
     engine.compile_ahead(requests)
     outputs = run(engine, requests)
     assert all(1 <= len(tokens) <= 8 for tokens in outputs)
+
+
+def test_a_step_reports_its_host_time_by_phase():
+    engine = LLMEngine(EngineConfig("tiny", **OPTIONS))
+    for prompt, params in workload()[:2]:
+        engine.add_request(prompt, params)
+    engine.step()  # compiles
+    start = time.perf_counter()
+    engine.step()
+    wall_s = time.perf_counter() - start
+    phases = dataclasses.asdict(engine.last_step_phases)
+    assert list(phases) == ["schedule_s", "pack_s", "launch_s", "device_wait_s", "book_s"]
+    assert all(seconds >= 0 for seconds in phases.values())
+    assert phases["schedule_s"] > 0 and phases["pack_s"] > 0 and phases["launch_s"] > 0
+    assert sum(phases.values()) <= wall_s

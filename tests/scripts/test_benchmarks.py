@@ -37,6 +37,9 @@ def check_bound(bound: dict, num_steps: int) -> None:
     host_mb_per_step = bound["host_read_gb_per_s"] * 1e3 * bound["mean_step_ms"] / 1e3
     assert bound["bound"] == pytest.approx(1 + host_mb_per_step / bound["gpu_kv_mb_per_step"])
     assert 0 < bound["median_step_ms"] <= bound["max_step_ms"]
+    phases = bound["median_phase_ms"]
+    assert list(phases) == ["schedule_ms", "pack_ms", "launch_ms", "device_wait_ms", "book_ms"]
+    assert all(ms >= 0 for ms in phases.values()) and 0 < phases["launch_ms"] <= bound["max_step_ms"]
     assert bound["mean_step_ms"] <= bound["max_step_ms"]
     assert bound["step_compilations"] == 0  # the untimed replay compiled every shape of the timed run
     assert bound["xla_compilations"] == 0     # nor did anything else compile in the timed run
