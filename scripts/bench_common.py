@@ -163,6 +163,12 @@ class StepMeter:
                 "xla_compilations": num_xla_compilations() - self._start_xla_compilations}
 
 
+def format_step(bound: dict[str, Any]) -> str:
+    """The median step and its phases, from `StepMeter.bound`, for the summary line."""
+    phases = ", ".join(f"{name.removesuffix('_ms')} {ms:.2f}" for name, ms in bound["median_phase_ms"].items())
+    return f"median step {bound['median_step_ms']:.2f} ms ({phases})"
+
+
 def pool_sizes(engine: LLMEngine) -> dict[str, int]:
     return {"num_gpu_blocks": engine.pool.num_blocks,
             "num_cpu_blocks": engine.host_pool.num_blocks if engine.host_pool is not None else 0}

@@ -23,8 +23,8 @@ import numpy as np
 from tqdm import tqdm
 
 from bench_common import (
-    StepMeter, Workload, add_engine_arguments, add_workload_arguments, engine_from_args, greedy, host_read_gb_per_s,
-    machine_info, pool_sizes, scenario_name, write_json,
+    StepMeter, Workload, add_engine_arguments, add_workload_arguments, engine_from_args, format_step, greedy,
+    host_read_gb_per_s, machine_info, pool_sizes, scenario_name, write_json,
 )
 from neo_jax.benchmark_metrics import RequestTrace, format_bound, poisson_arrivals, summarize
 from neo_jax.engine import LLMEngine
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{args.policy} rate {rate}: {runs[-1]['request_throughput']:.2f} req/s, "
               f"{runs[-1]['output_throughput']:.1f} output tokens/s, "
               f"p99 TPOT {runs[-1].get('p99_tpot_ms', float('nan')):.1f} ms; "
-              f"{format_bound(runs[-1]['bandwidth_bound']['bound'])}")
+              f"{format_bound(runs[-1]['bandwidth_bound']['bound'])}; {format_step(runs[-1]['bandwidth_bound'])}")
         write_json(args.output_json, results, echo=False)  # a sweep cut short keeps the rates it finished
     write_json(args.output_json, results)
 

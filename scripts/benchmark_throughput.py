@@ -20,7 +20,7 @@ import time
 from tqdm import tqdm
 
 from bench_common import (
-    StepMeter, Workload, add_engine_arguments, add_workload_arguments, engine_from_args, greedy,
+    StepMeter, Workload, add_engine_arguments, add_workload_arguments, engine_from_args, format_step, greedy,
     host_read_gb_per_s, machine_info, pool_sizes, scenario_name, write_json,
 )
 from neo_jax.benchmark_metrics import format_bound
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     write_json(args.output_json, results)
     print(f"{args.policy}: {results['requests_per_s']:.2f} req/s, {results['total_tokens_per_s']:.1f} tokens/s, "
-          f"{results['output_tokens_per_s']:.1f} output tokens/s; {format_bound(bound['bound'])}")
+          f"{results['output_tokens_per_s']:.1f} output tokens/s; {format_bound(bound['bound'])}; {format_step(bound)}")
 
 
 if __name__ == "__main__":

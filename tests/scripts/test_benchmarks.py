@@ -62,7 +62,7 @@ def test_throughput_counts_only_the_timed_pass(results, capsys):
     assert result["output_tokens_per_s"] == pytest.approx(6 / result["elapsed_s"])
 
 
-def test_throughput_after_compiling_ahead_compiles_nothing(load_script, tmp_path):
+def test_throughput_after_compiling_ahead_compiles_nothing(load_script, tmp_path, capsys):
     """`--warmup compile` runs nothing untimed, yet the timed pass finds every step program compiled."""
     output = tmp_path / "throughput.json"
     load_script("benchmark_throughput").main(ENGINE_ARGS + ["--policy", "cpu-all", "--warmup", "compile",
@@ -70,6 +70,9 @@ def test_throughput_after_compiling_ahead_compiles_nothing(load_script, tmp_path
     bound = json.loads(output.read_text())["bandwidth_bound"]
     assert bound["step_compilations"] == bound["xla_compilations"] == 0
     assert bound["counters"]["num_pipelined_steps"] > 0
+    summary = capsys.readouterr().out.splitlines()[-1]
+    assert summary.startswith("cpu-all: ") and f"median step {bound['median_step_ms']:.2f} ms (schedule " in summary
+    assert f"launch {bound['median_phase_ms']['launch_ms']:.2f}" in summary
 
 
 def test_serving_reports_each_rate_with_its_bound(results):
