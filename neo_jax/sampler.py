@@ -19,11 +19,15 @@ from neo_jax.sequence import Request
 MIN_SUPPRESSED_WIDTH = 4
 
 
-@functools.partial(jax.tree_util.register_dataclass, meta_fields=[], data_fields=[
+@functools.partial(jax.tree_util.register_dataclass, meta_fields=["all_greedy"], data_fields=[
     "temperatures", "top_k", "top_p", "min_p", "seeds", "output_indices", "suppressed_token_ids"])
 @dataclasses.dataclass
 class SamplingBatch:
-    """Sampling parameters of the R sampled rows of a step; W suppressed-token slots per row."""
+    """Sampling parameters of the R sampled rows of a step; W suppressed-token slots per row.
+
+    `all_greedy` (static: a step of greedy rows only compiles a program without random sampling) says that every
+    temperature is 0; False is always correct, only slower.
+    """
 
     temperatures: jax.Array          # float32[R], 0 is greedy
     top_k: jax.Array                 # int32[R], <= 0 is off
@@ -32,6 +36,7 @@ class SamplingBatch:
     seeds: jax.Array                 # uint32[R]
     output_indices: jax.Array        # int32[R] index of the token being sampled in the request's output
     suppressed_token_ids: jax.Array  # int32[R, W] tokens that may not be sampled; -1 pads
+    all_greedy: bool = False
 
 
 def pack_sampling(requests: list[Request | None], eos_token_ids: tuple[int, ...]) -> SamplingBatch:
@@ -50,7 +55,8 @@ def pack_sampling(requests: list[Request | None], eos_token_ids: tuple[int, ...]
     temperatures, top_k, top_p, min_p, seeds, output_indices = (np.array(column, dtype)
                                                                  for column, dtype in zip(columns, dtypes))
     return SamplingBatch(temperatures=temperatures, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds,
-                         output_indices=output_indices, suppressed_token_ids=suppressed_ids)
+                         output_indices=output_indices, suppressed_token_ids=suppressed_ids,
+                         all_greedy=not temperatures.any())
 
 
 def sample(logits: jax.Array, sampling: SamplingBatch) -> jax.Array:
@@ -59,9 +65,11 @@ def sample(logits: jax.Array, sampling: SamplingBatch) -> jax.Array:
     suppressed = jnp.where(sampling.suppressed_token_ids < 0, logits.shape[1], sampling.suppressed_token_ids)
     logits = logits.at[rows, suppressed].set(-jnp.inf, mode="drop")
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    # The sort that random sampling needs is skipped at run time when every row is greedy.
-    return jax.lax.cond(jnp.all(sampling.temperatures == 0.0), lambda: greedy,
-                        lambda: jnp.where(sampling.temperatures == 0.0, greedy, _sample_random(logits, sampling)))
+    # Decided when the batch is packed, not by a lax.cond: on a GPU a conditional copies its predicate to the host
+    # and waits for it, in the middle of every step.
+    if sampling.all_greedy:
+        return greedy
+    return jnp.where(sampling.temperatures == 0.0, greedy, _sample_random(logits, sampling))
 
 
 def _sample_random(logits: jax.Array, sampling: SamplingBatch) -> jax.Array:

@@ -93,3 +93,4 @@ def test_pack_step_lays_out_every_row_as_documented(chunks):
             request.seed, len(request.output_token_ids))
         assert (sampling.temperatures[row], sampling.top_k[row], sampling.top_p[row], sampling.seeds[row],
                 sampling.output_indices[row]) == params
+    assert sampling.all_greedy == all(r is None or r.sampling_params.temperature == 0.0 for r in sampled)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,3 +87,13 @@ def test_a_row_samples_the_same_token_alone_or_in_any_batch_position():
 def test_invalid_sampling_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"^{field}: "):
         SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize("all_greedy", [True, False])
+def test_only_a_batch_not_known_greedy_compiles_random_sampling(all_greedy):
+    """No lax.cond decides it on the device (on a GPU its predicate would make the host wait mid-step)."""
+    batch = dataclasses.replace(rows(3, temperatures=0.0), all_greedy=all_greedy)
+    program = str(jax.make_jaxpr(sample)(logits(3), batch))  # nested jaxprs included
+    assert " cond[" not in program
+    assert (" sort[" in program) != all_greedy
+    np.testing.assert_array_equal(sample_jit(logits(3), batch), np.argmax(logits(3), axis=-1))
