@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -190,15 +190,27 @@ def book_step(scheduler: Scheduler | PipelineScheduler, chunks: list[ScheduledCh
 
 
 def dry_run(scheduler: Scheduler | PipelineScheduler, requests: Sequence[tuple[Sequence[int], SamplingParams]],
-            eos_token_ids: tuple[int, ...], max_model_len: int) -> Iterator[PipelineSchedule | list[ScheduledChunk]]:
+            eos_token_ids: tuple[int, ...], max_model_len: int, arrivals: Sequence[float] | None = None,
+            step_seconds: Callable[[], float] = lambda: 0.0,
+            ) -> Iterator[PipelineSchedule | list[ScheduledChunk]]:
     """Serves `requests` on `scheduler` without a model, every sampled token taken to be 0, and yields each step's
     schedule before booking it. These are the steps of a real run when no request's length depends on its tokens
-    (`ignore_eos`, no stop tokens); otherwise a real run may schedule differently."""
-    for request_id, (prompt, sampling_params) in enumerate(requests):
-        scheduler.add(Request(request_id, list(prompt), sampling_params, seed=0))
-    while scheduler.has_unfinished():
+    (`ignore_eos`, no stop tokens); otherwise a real run may schedule differently. With `arrivals` (seconds, in
+    request order) a request joins once a simulated clock has passed its arrival; each step advances the clock by
+    `step_seconds()` (asked after the step is scheduled), an idle scheduler to the next arrival."""
+    arrivals = [0.0] * len(requests) if arrivals is None else arrivals
+    clock, next_request = 0.0, 0
+    while next_request < len(requests) or scheduler.has_unfinished():
+        while next_request < len(requests) and arrivals[next_request] <= clock:
+            prompt, sampling_params = requests[next_request]
+            scheduler.add(Request(next_request, list(prompt), sampling_params, seed=0))
+            next_request += 1
+        if not scheduler.has_unfinished():
+            clock = arrivals[next_request]
+            continue
         schedule = scheduler.schedule()
         yield schedule
         chunks = scheduled_chunks(schedule)
         book_step(scheduler, chunks, {c.request.request_id: 0 for c in chunks if c.samples}, eos_token_ids,
                   max_model_len)
+        clock += step_seconds()

@@ -108,16 +108,16 @@ run() {
   echo "build: $(( $(date +%s) - START )) s"
   for id in "${SCENARIOS[@]}"; do
     case $id in
-      # Serving: rates near and past the GPU-only throughput (3.4, 6.7, 1.9 and 11 requests/s on the H200) and
-      # enough prompts that requests queue and the GPU pool runs short (Little's law: rate x ~2.5 s of decoding
-      # for the 8B, ~7.5 s for the 34B, against pools of ~9, ~31 and ~29 requests); the 16-24 prompts at lower
-      # rates of 7fea9ce never preempted or swapped.
-      a) run a llama-3-8b "(a) 8B, GPU KV 1.5 GiB" "--gpu-kv-cache-gb 1.5" 64 24 48 "3 4" ;;
+      # Serving: rates past gpu-only's throughput (3.4, 6.7, 1.9 requests/s on the H200) and enough prompts that
+      # the GPU pool runs short: `scripts/simulate_schedule.py --request-rate R` (whose clock reproduced the step
+      # count of 7fea9ce's (a) run at 3 req/s: 1133 against 1132) has neo swap 4 and 9 requests in (a), 2 and 5
+      # in (b), 6 and 8 in (c); the 16-24 prompts at lower rates of 7fea9ce never preempted or swapped.
+      a) run a llama-3-8b "(a) 8B, GPU KV 1.5 GiB" "--gpu-kv-cache-gb 1.5" 64 24 48 "4 6" ;;
       d) run d llama-3-8b "(d) 8B, GPU KV plenty" "" 200 32 64 "6 12" ;;
-      b) run b llama-3-8b "(b) 8B, GPU KV 5 GiB" "--gpu-kv-cache-gb 5" 96 32 64 "6 10" ;;
+      b) run b llama-3-8b "(b) 8B, GPU KV 5 GiB" "--gpu-kv-cache-gb 5" 96 32 64 "10 16" ;;
       # On the H200 the 34B leaves ~60 GiB of KV memory; 7 GiB is what 80 GB leave next to its 63 GiB of
       # weights, the H100 that the scenario stands for.
-      c) run c llama-34b "(c) 34B, GPU KV 7 GiB" "--gpu-kv-cache-gb 7" 48 16 32 "2 3" ;;
+      c) run c llama-34b "(c) 34B, GPU KV 7 GiB" "--gpu-kv-cache-gb 7" 48 16 48 "4 6" ;;
       *) echo "unknown scenario '$id' (a, b, c or d)" ;;
     esac
   done

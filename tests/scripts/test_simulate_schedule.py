@@ -40,6 +40,19 @@ def test_simulation_schedules_the_engines_steps(load_script, cost_table, tmp_pat
     assert simulated["steps_by_kind"].get("pipelined", 0) > 0 and simulated["steps"] == engine_counters["num_steps"]
 
 
+def test_a_request_rate_spaces_the_arrivals_on_the_predicted_clock(load_script, cost_table):
+    """At 0.01 requests/s each request (a few ms of predicted steps) is alone in the engine: one prefill step and a
+    decode per further token. Sent at once, the 8 requests outgrow the GPU pool and swap; one by one, never."""
+    pools = ["--gpu-kv-cache-gb", "0.0001", "--cpu-kv-cache-gb", "0.001", "--cost-table", cost_table]
+    at_once = load_script("simulate_schedule").main(WORKLOAD + pools + ["--max-num-seqs", "8"])
+    spaced = load_script("simulate_schedule").main(WORKLOAD + pools + ["--max-num-seqs", "8", "--request-rate", "0.01"])
+    assert at_once["request_rate"] is None and spaced["request_rate"] == 0.01
+    assert at_once["steps"] < at_once["output_tokens"] == spaced["output_tokens"]
+    assert at_once["counters"]["num_swap_out"] > 0
+    assert spaced["steps_by_kind"] == {"gpu": spaced["output_tokens"]}
+    assert spaced["counters"]["num_preemptions"] == spaced["counters"]["num_swap_out"] == 0
+
+
 def test_a_policy_without_a_cost_table_is_refused(load_script):
     with pytest.raises(SystemExit):
         load_script("simulate_schedule").main(WORKLOAD)
