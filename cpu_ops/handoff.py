@@ -147,22 +147,6 @@ def _layer_array(op: str, layer, num_rows: int) -> jax.Array:
     return array.astype(jnp.int32)
 
 
-# The start's operands travel as one uint8 buffer, each from a multiple of this many bytes (handoff_ops.h's
-# PackedAttentionLayout reads it so): on a GPU one device copy per call instead of seven, each a driver call on
-# the thread that enqueues the step.
-_PACKED_ALIGNMENT = 16
-_DTYPE_CODES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(ml_dtypes.bfloat16): 2}  # C++ DType
-
-
-def _packed(arrays: tuple[jax.Array, ...]) -> jax.Array:
-    """The arrays' bytes end to end in one uint8 array, each padded to _PACKED_ALIGNMENT."""
-    parts = []
-    for array in arrays:
-        raw = jax.lax.bitcast_convert_type(array, jnp.uint8).reshape(-1)
-        parts += [raw, jnp.zeros(-raw.shape[0] % _PACKED_ALIGNMENT, jnp.uint8)]
-    return jnp.concatenate(parts)
-
-
 def _check_length(op: str, name: str, array: jax.Array, length: int) -> None:
     if array.shape[0] != length:
         raise ValueError(f"{op}: {name} has {array.shape[0]} rows, expected {length}")
@@ -186,15 +170,15 @@ def cpu_attention_start(pool: HostKvPool, q: jax.Array, k_new: jax.Array, v_new:
     num_reqs = q.shape[0]
     pool._check_rows(op, "k_new", k_new, num_reqs)
     pool._check_rows(op, "v_new", v_new, num_reqs)
-    indices = (_index_array(op, "layer", layer, 0)[None], _index_array(op, "slot_mapping", slot_mapping, 1),
-               _index_array(op, "block_tables", block_tables, 2), _index_array(op, "context_lens", context_lens, 1))
-    for name, array in zip(("slot_mapping", "block_tables", "context_lens"), indices[1:]):
+    operands = (q, k_new, v_new, _index_array(op, "layer", layer, 0),
+                _index_array(op, "slot_mapping", slot_mapping, 1),
+                _index_array(op, "block_tables", block_tables, 2),
+                _index_array(op, "context_lens", context_lens, 1))
+    for name, array in zip(("slot_mapping", "block_tables", "context_lens"), operands[4:]):
         _check_length(op, name, array, num_reqs)
     dep = jnp.zeros((), jnp.int32) if dep is None else dep
     token = jax.ffi.ffi_call(_ATTENTION_START, jax.ShapeDtypeStruct((), jnp.int32))(
-        _packed((*indices, q, k_new, v_new)), dep, pool_id=np.int64(pool.pool_id), num_reqs=np.int64(num_reqs),
-        num_q_heads=np.int64(q.shape[1]), max_blocks=np.int64(indices[2].shape[1]),
-        q_dtype=np.int64(_DTYPE_CODES[np.dtype(q.dtype)]))
+        *operands, dep, pool_id=np.int64(pool.pool_id))
     return PendingAttention(token, q.shape, q.dtype, pool.pool_id)
 
 

@@ -1,8 +1,6 @@
 // The handoff custom calls, each registered under one name for platform "cpu" (computes in place,
 // synchronously) and "CUDA" (hands off to the CPU on a side stream, see handoff_cuda.h):
-//   neo_cpu_attention_start(packed, dep) -> token, packed: layer, slot_mapping, block_tables, context_lens, q,
-//     k_new, v_new in one uint8 array (PackedAttentionLayout), described by the attributes num_reqs,
-//     num_q_heads, max_blocks and q_dtype (a DType)
+//   neo_cpu_attention_start(q, k_new, v_new, layer, slot_mapping, block_tables, context_lens, dep) -> token
 //   neo_cpu_attention_wait(token, dep) -> out
 //   neo_host_kv_store(k_rows, v_rows, layer, slot_mapping) -> token
 //   neo_host_kv_load(layer, slot_mapping, dep) -> (k_rows, v_rows)
@@ -21,14 +19,16 @@ namespace ffi = xla::ffi;
 
 inline auto bind_attention_start() {
   return ffi::Ffi::Bind()
-      .Arg<ffi::AnyBuffer>()  // packed operands
+      .Arg<ffi::AnyBuffer>()  // q
+      .Arg<ffi::AnyBuffer>()  // k_new
+      .Arg<ffi::AnyBuffer>()  // v_new
+      .Arg<ffi::AnyBuffer>()  // layer
+      .Arg<ffi::AnyBuffer>()  // slot_mapping
+      .Arg<ffi::AnyBuffer>()  // block_tables
+      .Arg<ffi::AnyBuffer>()  // context_lens
       .Arg<ffi::AnyBuffer>()  // dep: unread; the call follows the op that makes it (XLA keeps no other order)
       .Ret<ffi::AnyBuffer>()  // token
-      .Attr<int64_t>("pool_id")
-      .Attr<int64_t>("num_reqs")
-      .Attr<int64_t>("num_q_heads")
-      .Attr<int64_t>("max_blocks")
-      .Attr<int64_t>("q_dtype");
+      .Attr<int64_t>("pool_id");
 }
 
 inline auto bind_attention_wait() {

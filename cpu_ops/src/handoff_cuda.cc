@@ -137,12 +137,13 @@ void CudaHandoff::ring_doorbell(const Call& call) {
 }
 
 void CudaHandoff::start_attention(CUstream xla, std::shared_ptr<HostKvPool> pool,
-                                  const AttentionShape& shape, const PackedAttentionLayout& packed_layout,
-                                  ffi::AnyBuffer packed, void* token) {
+                                  const AttentionShape& shape,
+                                  const std::vector<ffi::AnyBuffer>& operands, void* token) {
   std::lock_guard<std::mutex> lock(mutex_);
   enter(xla);
   StagingLayout layout;
-  size_t packed_offset = layout.add(packed.size_bytes());
+  std::vector<size_t> offsets;
+  for (const ffi::AnyBuffer& operand : operands) offsets.push_back(layout.add(operand.size_bytes()));
   size_t operand_bytes = layout.size();
   size_t out_offset = layout.add(shape.q_bytes());
   std::shared_ptr<Call> call = new_call(pool, layout.size(), layout.size());
@@ -150,7 +151,7 @@ void CudaHandoff::start_attention(CUstream xla, std::shared_ptr<HostKvPool> pool
   call->out_offset = out_offset;
   call->out_bytes = shape.q_bytes();
 
-  stage_operands(*call, {packed}, {packed_offset}, operand_bytes, xla);
+  stage_operands(*call, operands, offsets, operand_bytes, xla);
   ring_doorbell(*call);
   check(cuda_.cuStreamWaitValue32(from_host_, done_device_, call->seq, kStreamWaitValueGeq),
         "cuStreamWaitValue32");
@@ -163,7 +164,14 @@ void CudaHandoff::start_attention(CUstream xla, std::shared_ptr<HostKvPool> pool
         "cuStreamWriteValue32");
 
   char* host = call->staging.host;
-  AttentionOperands staged = packed_layout.operands(host + packed_offset, host + out_offset);
+  AttentionOperands staged{host + offsets[0],
+                           host + offsets[1],
+                           host + offsets[2],
+                           reinterpret_cast<const int32_t*>(host + offsets[3]),
+                           reinterpret_cast<const int32_t*>(host + offsets[4]),
+                           reinterpret_cast<const int32_t*>(host + offsets[5]),
+                           reinterpret_cast<const int32_t*>(host + offsets[6]),
+                           host + out_offset};
   dispatcher_->submit(call->seq, [pool, shape, staged] { return run_attention(*pool, shape, staged); });
   call->awaiting_wait = true;
   awaiting_wait_[token] = call;

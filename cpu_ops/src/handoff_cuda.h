@@ -46,7 +46,7 @@ class CudaHandoff {
   static std::vector<CudaHandoff*> existing();
 
   void start_attention(CUstream xla, std::shared_ptr<HostKvPool> pool, const AttentionShape& shape,
-                       const PackedAttentionLayout& layout, ffi::AnyBuffer packed, void* token);
+                       const std::vector<ffi::AnyBuffer>& operands, void* token);
   void wait_attention(CUstream xla, const void* token,
                       ffi::AnyBuffer out);
   void store(CUstream xla, std::shared_ptr<HostKvPool> pool, ffi::AnyBuffer k_rows,

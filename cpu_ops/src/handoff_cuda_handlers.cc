@@ -37,15 +37,18 @@ void throw_if(const std::string& error) {
   if (!error.empty()) throw std::invalid_argument(error);
 }
 
-ffi::Error attention_start(ffi::AnyBuffer packed, ffi::AnyBuffer, ffi::Result<ffi::AnyBuffer> token,
-                           int64_t pool_id, int64_t num_reqs, int64_t num_q_heads, int64_t max_blocks,
-                           int64_t q_dtype, CUstream stream) {
+ffi::Error attention_start(ffi::AnyBuffer q, ffi::AnyBuffer k_new, ffi::AnyBuffer v_new,
+                           ffi::AnyBuffer layer, ffi::AnyBuffer slot_mapping,
+                           ffi::AnyBuffer block_tables, ffi::AnyBuffer context_lens, ffi::AnyBuffer,
+                           ffi::Result<ffi::AnyBuffer> token, int64_t pool_id, CUstream stream) {
   return guarded("cpu_attention_start", [&] {
     std::shared_ptr<HostKvPool> pool = pool_or_throw("cpu_attention_start", pool_id);
     AttentionShape shape;
-    PackedAttentionLayout layout;
-    throw_if(check_attention_start(*pool, packed, num_reqs, num_q_heads, max_blocks, q_dtype, &shape, &layout));
-    handoff(stream).start_attention(stream, pool, shape, layout, packed, token->untyped_data());
+    throw_if(check_attention_operands(*pool, q, k_new, v_new, layer, slot_mapping, block_tables,
+                                      context_lens, &shape));
+    handoff(stream).start_attention(stream, pool, shape,
+                                    {q, k_new, v_new, layer, slot_mapping, block_tables, context_lens},
+                                    token->untyped_data());
   });
 }
 

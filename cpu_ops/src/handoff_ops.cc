@@ -117,47 +117,35 @@ std::shared_ptr<HostKvPool> pool_for_call(const char* op, int64_t pool_id, std::
   return pool;
 }
 
-AttentionOperands PackedAttentionLayout::operands(const char* base, void* out) const {
-  auto ints = [base](size_t offset) { return reinterpret_cast<const int32_t*>(base + offset); };
-  return {base + q, base + k_new, base + v_new, ints(layer), ints(slot_mapping), ints(block_tables),
-          ints(context_lens), out};
-}
-
-std::string check_attention_start(const HostKvPool& pool, ffi::AnyBuffer packed, int64_t num_reqs,
-                                  int64_t num_q_heads, int64_t max_blocks, int64_t q_dtype,
-                                  AttentionShape* shape, PackedAttentionLayout* layout) {
+std::string check_attention_operands(const HostKvPool& pool, ffi::AnyBuffer q, ffi::AnyBuffer k_new,
+                                     ffi::AnyBuffer v_new, ffi::AnyBuffer layer,
+                                     ffi::AnyBuffer slot_mapping, ffi::AnyBuffer block_tables,
+                                     ffi::AnyBuffer context_lens, AttentionShape* shape) {
   const char* op = "cpu_attention_start";
   const PagedKvCache& kv = pool.geometry();
-  if (q_dtype < 0 || q_dtype > static_cast<int64_t>(DType::kBFloat16))
-    return std::string(op) + ": q_dtype " + std::to_string(q_dtype) + " is not a float dtype code";
-  if (num_reqs < 0 || max_blocks < 0)
-    return std::string(op) + ": num_reqs and max_blocks must be >= 0, got " + std::to_string(num_reqs) + " and " +
-           std::to_string(max_blocks);
-  if (num_q_heads <= 0 || num_q_heads % kv.num_kv_heads != 0)
-    return std::string(op) + ": q has " + std::to_string(num_q_heads) +
+  if (q.dimensions().size() != 3 || !to_dtype(q.element_type(), &shape->q_dtype) ||
+      shape->q_dtype == DType::kInt32 || q.dimensions()[2] != kv.head_dim)
+    return std::string(op) + ": q must be a float [num_reqs, num_q_heads, " +
+           std::to_string(kv.head_dim) + "] array, got " + shape_text(q);
+  shape->num_reqs = q.dimensions()[0];
+  shape->num_q_heads = q.dimensions()[1];
+  if (shape->num_q_heads <= 0 || shape->num_q_heads % kv.num_kv_heads != 0)
+    return std::string(op) + ": q has " + std::to_string(shape->num_q_heads) +
            " heads, not a positive multiple of the pool's " + std::to_string(kv.num_kv_heads) + " kv heads";
-  *shape = {num_reqs, num_q_heads, kv.head_dim, max_blocks, static_cast<DType>(q_dtype)};
-  size_t end = 0;
-  auto take = [&end](size_t bytes) {
-    size_t offset = end;
-    end += (bytes + 15) / 16 * 16;
-    return offset;
-  };
-  size_t n = static_cast<size_t>(num_reqs), kv_row_bytes = kv.num_kv_heads * kv.head_dim * dtype_bytes(kv.dtype);
-  layout->layer = take(sizeof(int32_t));
-  layout->slot_mapping = take(n * sizeof(int32_t));
-  layout->block_tables = take(n * static_cast<size_t>(max_blocks) * sizeof(int32_t));
-  layout->context_lens = take(n * sizeof(int32_t));
-  layout->q = take(shape->q_bytes());
-  layout->k_new = take(n * kv_row_bytes);
-  layout->v_new = take(n * kv_row_bytes);
-  layout->size = end;
-  if (packed.element_type() != ffi::DataType::U8 || packed.dimensions().size() != 1 ||
-      packed.size_bytes() != layout->size)
-    return std::string(op) + ": the packed operands must be uint8 [" + std::to_string(layout->size) + "] for " +
-           std::to_string(num_reqs) + " requests of " + std::to_string(num_q_heads) + " q heads, " +
-           std::to_string(max_blocks) + " blocks and the pool's " + dtype_name(kv.dtype) + " rows, got " +
-           shape_text(packed) + " of " + std::to_string(packed.size_bytes()) + " bytes";
+  shape->head_dim = kv.head_dim;
+  shape->max_blocks_per_req =
+      block_tables.dimensions().size() == 2 ? block_tables.dimensions()[1] : -1;
+  int64_t n = shape->num_reqs;
+  std::string rows = "[num_reqs, " + std::to_string(kv.num_kv_heads) + ", " + std::to_string(kv.head_dim) + "]";
+  for (std::string error :
+       {expect(op, "k_new", k_new, kv.dtype, {n, kv.num_kv_heads, kv.head_dim}, rows.c_str()),
+        expect(op, "v_new", v_new, kv.dtype, {n, kv.num_kv_heads, kv.head_dim}, rows.c_str()),
+        expect(op, "layer", layer, DType::kInt32, {}, "[]"),
+        expect(op, "slot_mapping", slot_mapping, DType::kInt32, {n}, "[num_reqs]"),
+        expect(op, "block_tables", block_tables, DType::kInt32, {n, -1}, "[num_reqs, max_blocks]"),
+        expect(op, "context_lens", context_lens, DType::kInt32, {n}, "[num_reqs]")}) {
+    if (!error.empty()) return error;
+  }
   return "";
 }
 

@@ -39,14 +39,6 @@ struct AttentionOperands {
   void* out = nullptr;
 };
 
-// Where each operand of a start lies in its one packed uint8 operand: handoff.py writes them in this order, each
-// from a multiple of 16 bytes (on a GPU one device copy per call instead of seven).
-struct PackedAttentionLayout {
-  size_t layer = 0, slot_mapping = 0, block_tables = 0, context_lens = 0, q = 0, k_new = 0, v_new = 0;
-  size_t size = 0;
-  AttentionOperands operands(const char* base, void* out) const;
-};
-
 struct KvRowsOperands {
   int64_t num_rows = 0;
   const int32_t* layer = nullptr;  // [] or [num_rows] (layer_per_row)
@@ -60,11 +52,11 @@ struct KvRowsOperands {
 std::shared_ptr<HostKvPool> pool_for_call(const char* op, int64_t pool_id, std::string* error);
 
 // Shapes and dtypes of the FFI operands against the pool ("" when fine, else an error naming the
-// attribute or operand); contents are checked by the run_* functions. A start's attributes give its
-// shape (q_dtype: a DType) and so the layout of its packed operand.
-std::string check_attention_start(const HostKvPool& pool, ffi::AnyBuffer packed, int64_t num_reqs,
-                                  int64_t num_q_heads, int64_t max_blocks, int64_t q_dtype,
-                                  AttentionShape* shape, PackedAttentionLayout* layout);
+// operand); contents are checked by the run_* functions.
+std::string check_attention_operands(const HostKvPool& pool, ffi::AnyBuffer q, ffi::AnyBuffer k_new,
+                                     ffi::AnyBuffer v_new, ffi::AnyBuffer layer,
+                                     ffi::AnyBuffer slot_mapping, ffi::AnyBuffer block_tables,
+                                     ffi::AnyBuffer context_lens, AttentionShape* shape);
 std::string check_kv_rows_operands(const char* op, const HostKvPool& pool, ffi::AnyBuffer k_rows,
                                    ffi::AnyBuffer v_rows, ffi::AnyBuffer layer,
                                    ffi::AnyBuffer slot_mapping);

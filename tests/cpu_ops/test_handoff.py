@@ -191,24 +191,15 @@ def test_start_rejects_bad_shapes(changes, match):
         handoff.cpu_attention_start(pool, **start_args(**changes))
 
 
-@pytest.mark.parametrize("changes,match", [
-    (dict(packed=jnp.zeros(6224 + 16, jnp.uint8)), r"the packed operands must be uint8 \[6224\] for 2 requests of "
-                                                   r"8 q heads, 4 blocks and the pool's float32 rows, got \[6240\]"),
-    (dict(num_q_heads=np.int64(3)), "q has 3 heads, not a positive multiple of the pool's 2 kv heads"),
-    (dict(q_dtype=np.int64(3)), "q_dtype 3 is not a float dtype code"),
-    (dict(num_reqs=np.int64(-1)), "num_reqs and max_blocks must be >= 0"),
-])
-def test_handlers_check_the_packed_operands_themselves(changes, match):
-    """A start's one uint8 operand is laid out by its attributes (6224 bytes here: int32 layer, slots, block
-    tables and lengths, then float32 q, k_new, v_new, each from a 16-byte boundary); the handler checks both,
-    whoever calls it (the valid case is every other test's)."""
+def test_handlers_check_shapes_themselves():
     pool = handoff.HostKvPool(1, NUM_BLOCKS, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM, np.float32)
-    call = jax.ffi.ffi_call("neo_cpu_attention_start", jax.ShapeDtypeStruct((), jnp.int32), has_side_effect=True)
-    args = {**dict(packed=jnp.zeros(6224, jnp.uint8), pool_id=np.int64(pool.pool_id), num_reqs=np.int64(2),
-                   num_q_heads=np.int64(NUM_Q_HEADS), max_blocks=np.int64(MAX_BLOCKS), q_dtype=np.int64(0)),
-            **changes}
-    with pytest.raises(Exception, match=match):
-        jax.block_until_ready(call(args.pop("packed"), jnp.zeros((), jnp.int32), **args))
+    args = start_args()
+    args["k_new"] = jnp.zeros((2, NUM_KV_HEADS + 1, HEAD_DIM), jnp.float32)
+    call = jax.ffi.ffi_call("neo_cpu_attention_start", jax.ShapeDtypeStruct((), jnp.int32),
+                            has_side_effect=True)
+    operands = [jnp.asarray(value) for value in args.values()] + [jnp.zeros((), jnp.int32)]  # + dep
+    with pytest.raises(Exception, match=r"k_new must be float32 \[num_reqs, 2, 64\], got float32 \[2, 3, 64\]"):
+        jax.block_until_ready(call(*operands, pool_id=np.int64(pool.pool_id)))
 
 
 @pytest.mark.parametrize("changes,match", [

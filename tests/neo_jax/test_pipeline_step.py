@@ -203,11 +203,14 @@ def test_gpu_attention_reads_the_tokens_of_the_starts_it_overlaps(share):
     lines = entry_lines(compile_pipeline_step(swap_out=False, share=share))
     num_layers = PRESETS["tiny"].num_layers
     operands = operands_by_instruction(lines)
-    starts = {}  # (rows, layer) -> instruction; a batch's starts come in layer order (the test above checks it)
+    constants = {instruction_name(line): int(match.group(1)) for line in lines
+                 if (match := re.search(r"= s32\[\] constant\((\d+)\)", line))}
+    starts = {}  # (rows, layer) -> instruction
     for line in lines:
         if 'custom_call_target="neo_cpu_attention_start"' in line:
-            rows = int(re.search(r"num_reqs = (\d+)", line).group(1))
-            starts[rows, sum(key[0] == rows for key in starts)] = instruction_name(line)
+            name = instruction_name(line)
+            rows = int(re.search(r"constraints=\{f32\[(\d+),", line).group(1))
+            starts[rows, constants[operands[name][3]]] = name  # operand 3: the layer
     attentions = [instruction_name(line) for line in lines
                   if 'custom_call_target="neo_paged_decode_attention"' in line]
     assert len(attentions) == num_layers
