@@ -15,6 +15,7 @@ import itertools
 from collections.abc import Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from neo_jax.config import StepBuckets, bucket
@@ -62,6 +63,16 @@ class StepBatch:
     @property
     def num_decodes(self) -> int:
         return self.decode_context_lens.shape[0]
+
+    def with_previous_tokens(self, previous_tokens: jax.Array) -> StepBatch:
+        return dataclasses.replace(self, token_ids=resolve_pending_tokens(self.token_ids, previous_tokens))
+
+
+def resolve_pending_tokens(token_ids: jax.Array, previous_tokens: jax.Array) -> jax.Array:
+    """token_ids int32[T] with each `pending_token(row)` replaced by previous_tokens[row]: the tokens the previous
+    step sampled, still on the device when this step was packed (neo_jax.sequence.pending_token)."""
+    rows = jnp.maximum(-1 - token_ids, 0)
+    return jnp.where(token_ids < 0, previous_tokens[rows], token_ids)
 
 
 def token_at(request: Request, index: int) -> int:

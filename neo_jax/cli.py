@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="devices the model is split over")
+    parser.add_argument("--no-async-scheduling", action="store_true",
+                        help="fetch each step's tokens before scheduling the next (default: overlap them)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-k", type=int, default=0)
@@ -63,7 +65,7 @@ def generate_main(argv: Sequence[str] | None = None) -> None:
         llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, gpu_kv_cache_gb=args.gpu_kv_cache_gb,
                   policy=args.policy, cpu_kv_cache_gb=args.cpu_kv_cache_gb, seed=args.seed,
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                  tensor_parallel_size=args.tensor_parallel_size)
+                  tensor_parallel_size=args.tensor_parallel_size, async_scheduling=not args.no_async_scheduling)
     except ValueError as error:  # an option the model or machine cannot take: say which, as argparse does
         parser.error(str(error))
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,

@@ -29,6 +29,11 @@ class EngineConfig:
     fill). They schedule with the cost table at `cost_table` (a JSON file from scripts/profile.py), else the
     table found for this model and machine, else a first-principles estimate. Under tensor parallelism one host
     pool serves every shard, each shard's CPU attention reading its own heads.
+
+    `async_scheduling` (default on) schedules, packs and launches each step before fetching the tokens of the one
+    still on the device, whose sampled tokens the new step reads on the device: the host's work between steps
+    overlaps the device's instead of leaving it idle. The outputs are those of synchronous scheduling; a request
+    that stops on a stop token computes one token more, which is dropped.
     """
 
     model: str
@@ -46,6 +51,7 @@ class EngineConfig:
     cost_table: str | None = None
     seed: int = 0
     tensor_parallel_size: int = 1
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in SUPPORTED_DTYPES:
@@ -67,6 +73,8 @@ class EngineConfig:
             raise ValueError(f"num_cpu_blocks: must be >= 2 (block 0 is scratch), got {self.num_cpu_blocks}")
         if self.num_gpu_blocks is not None and self.num_gpu_blocks < 2:
             raise ValueError(f"num_gpu_blocks: must be >= 2 (block 0 is scratch), got {self.num_gpu_blocks}")
+        if not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling: must be True or False, got {self.async_scheduling!r}")
         if self.max_num_batched_tokens < MIN_TOKEN_BUCKET:
             raise ValueError(f"max_num_batched_tokens: must be >= {MIN_TOKEN_BUCKET}, got {self.max_num_batched_tokens}")
         if not 0 <= self.seed < 2**32:
@@ -136,6 +144,12 @@ class StepBuckets:
 
     def num_sample_rows(self, num_decode_rows: int, num_prefill_tokens: int) -> int:
         return num_decode_rows + min(num_prefill_tokens // 2, self.max_num_seqs)
+
+    @property
+    def max_sampled_rows(self) -> int:
+        """A bound on any step's sampled rows: a pipeline step's GPU rows (at most 2 * max_num_seqs, above) and its
+        two micro-batches' CPU rows (at most max_num_seqs each)."""
+        return 4 * self.max_num_seqs
 
     @staticmethod
     def num_context(num_context_tokens: int, num_prefill_tokens: int) -> int:

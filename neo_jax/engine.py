@@ -1,4 +1,11 @@
-"""The engine loop: load a model, take requests, and step the scheduler and the model runner."""
+"""The engine loop: load a model, take requests, and step the scheduler and the model runner.
+
+With asynchronous scheduling (the default) one step is always on the device while the host works: `step()`
+schedules, packs and launches step n+1, then fetches step n's tokens and books them, then books step n+1's chunks
+with a `pending_token` for each token it samples. Step n+1 was scheduled with step n's chunks booked and its
+length-limited requests finished; a request that step n stops on a stop token is finished when its token is
+fetched, and its row in step n+1 is dropped. All on one thread; the device orders the steps.
+"""
 
 from __future__ import annotations
 
@@ -17,14 +24,14 @@ from neo_jax.block_manager import BlockPool, blocks_for
 from neo_jax.config import EngineConfig
 from neo_jax.cost_model import CostModel, HardwareSpec, MachineId, gpu_side_name, load_cost_model
 from neo_jax.kv_cache import allocate_host_kv_pool, num_cpu_blocks, num_gpu_blocks
-from neo_jax.model_runner import ModelRunner, StepPhases
+from neo_jax.model_runner import LaunchedStep, ModelRunner, StepPhases
 from neo_jax.models import llama, loading
 from neo_jax.models.config import ModelConfig, get_config
 from neo_jax.sampling_params import SamplingParams
 from neo_jax.pipeline_batch import PipelineSchedule
 from neo_jax.pipeline_scheduler import PipelineScheduler
 from neo_jax.scheduler import Scheduler
-from neo_jax.sequence import Request
+from neo_jax.sequence import Request, RequestStatus, pending_token
 from neo_jax.sharding import init_sharded_params, make_mesh, shard_params
 from neo_jax.tokenizer import load_tokenizer
 
@@ -72,6 +79,7 @@ class LLMEngine:
         self._seed_generator = np.random.default_rng(config.seed)
         self._next_request_id = 0
         self.last_step_phases = StepPhases()
+        self._in_flight: LaunchedStep | None = None  # the step on the device whose tokens are not yet booked
 
     def _new_scheduler(self, pool: BlockPool, host_pool: BlockPool | None) -> Scheduler | PipelineScheduler:
         if self.config.offloads:
@@ -136,24 +144,49 @@ class LLMEngine:
         return request
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self.has_step_in_flight
+
+    @property
+    def has_step_in_flight(self) -> bool:
+        """Whether a launched step's tokens are still to be booked (by the next `step()`)."""
+        return self._in_flight is not None
 
     def step(self) -> list[Request]:
-        """Schedules and runs one step; returns the requests that finished in it. `last_step_phases` then holds
-        its host time by phase."""
+        """Schedules and launches one step, and books the tokens of the step before it (asynchronous scheduling)
+        or of this one; returns the requests that those tokens finished. `last_step_phases` then holds the host
+        time by phase: scheduling, packing and launching this step, waiting for and booking the booked one."""
         start = time.perf_counter()
-        schedule = self.scheduler.schedule()
-        chunks = scheduled_chunks(schedule)
-        if not chunks:
+        schedule = self.scheduler.schedule() if self.scheduler.has_unfinished() else []
+        if not scheduled_chunks(schedule) and self._in_flight is None:
             raise RuntimeError(f"the scheduler found nothing to run for {len(self.scheduler.waiting)} waiting and "
                                f"{len(self.scheduler.running)} running requests (KV pools too small?)")
-        scheduled = time.perf_counter()
-        sampled = self.runner.execute(schedule, self.eos_token_ids)
-        executed = time.perf_counter()
-        finished = book_step(self.scheduler, chunks, sampled, self.eos_token_ids, self.max_model_len)
-        self.last_step_phases = dataclasses.replace(self.runner.last_phases, schedule_s=scheduled - start,
-                                                    book_s=time.perf_counter() - executed)
+        phases = StepPhases(schedule_s=time.perf_counter() - start)
+        launched = None
+        if scheduled_chunks(schedule):
+            launched = self.runner.launch(schedule, self.eos_token_ids)
+            phases.pack_s, phases.launch_s = launched.pack_s, launched.launch_s
+            if not self.config.async_scheduling:
+                self._advance(launched, phases)
+                self._in_flight, launched = launched, None
+        finished = []
+        if self._in_flight is not None:
+            tokens = self.runner.fetch(self._in_flight)
+            phases.device_wait_s = self.runner.last_phases.device_wait_s
+            booking = time.perf_counter()
+            finished = book_tokens(self.scheduler, self._in_flight.step.sampled_requests, tokens,
+                                   self.eos_token_ids, self.max_model_len)
+            phases.book_s += time.perf_counter() - booking
+        if launched is not None:
+            self._advance(launched, phases)
+        self._in_flight = launched
+        self.last_step_phases = phases
         return finished
+
+    def _advance(self, launched: LaunchedStep, phases: StepPhases) -> None:
+        start = time.perf_counter()
+        advance_step(self.scheduler, scheduled_chunks(launched.schedule), launched.step.sampled_requests,
+                     self.max_model_len)
+        phases.book_s += time.perf_counter() - start
 
     def compile_ahead(self, requests: Sequence[tuple[Sequence[int], SamplingParams]], max_workers: int = 4) -> int:
         """Compiles, `max_workers` at a time, the step programs that serving `requests` on this idle engine would
@@ -171,21 +204,41 @@ def scheduled_chunks(schedule: PipelineSchedule | list[ScheduledChunk]) -> list[
     return schedule.chunks if isinstance(schedule, PipelineSchedule) else schedule
 
 
-def book_step(scheduler: Scheduler | PipelineScheduler, chunks: list[ScheduledChunk], sampled: dict[int, int],
-              eos_token_ids: tuple[int, ...], max_model_len: int) -> list[Request]:
-    """Books a step's chunks and sampled tokens (by request id) on their requests; returns the requests it
-    finished."""
-    finished = []
+def advance_step(scheduler: Scheduler | PipelineScheduler, chunks: list[ScheduledChunk],
+                 sampled_requests: list[Request | None], max_model_len: int) -> None:
+    """Books a launched step's chunks on their requests before its tokens are known: row i's token is
+    `pending_token(i)` in `sampled_requests[i]` (None: no request), and a request that this token brings to a
+    length limit is finished now (its blocks freed for the next step: the device runs the steps in order).
+    Requests finished since the step was scheduled (by a stop token fetched meanwhile) are left alone."""
     for chunk in chunks:
-        request = chunk.request
-        request.num_computed_tokens += chunk.num_tokens
-        if request.request_id not in sampled:
+        if chunk.request.status is not RequestStatus.FINISHED:
+            chunk.request.num_computed_tokens += chunk.num_tokens
+    for row, request in enumerate(sampled_requests):
+        if request is None or request.status is RequestStatus.FINISHED:
             continue
-        request.output_token_ids.append(sampled[request.request_id])
+        request.output_token_ids.append(pending_token(row))
+        if request.stop_reason((), max_model_len) is not None:
+            scheduler.finish(request, "length")
+
+
+def book_tokens(scheduler: Scheduler | PipelineScheduler, sampled_requests: list[Request | None],
+                tokens: np.ndarray, eos_token_ids: tuple[int, ...], max_model_len: int) -> list[Request]:
+    """Puts a fetched step's tokens int32[R] in place of the `pending_token`s that `advance_step` appended;
+    returns the requests they finish (those finished by length included, with the reason their last token
+    gives: a stop token takes precedence)."""
+    finished = []
+    for row, request in enumerate(sampled_requests):
+        if request is None or not request.output_token_ids or request.output_token_ids[-1] != pending_token(row):
+            continue  # no request, or one finished before the step was booked: its row is dropped
+        request.output_token_ids[-1] = int(tokens[row])
         reason = request.stop_reason(eos_token_ids, max_model_len)
-        if reason is not None:
+        if reason is None:
+            continue
+        if request.status is RequestStatus.FINISHED:
+            request.finish_reason = reason
+        else:
             scheduler.finish(request, reason)
-            finished.append(request)
+        finished.append(request)
     return finished
 
 
@@ -211,6 +264,8 @@ def dry_run(scheduler: Scheduler | PipelineScheduler, requests: Sequence[tuple[S
         schedule = scheduler.schedule()
         yield schedule
         chunks = scheduled_chunks(schedule)
-        book_step(scheduler, chunks, {c.request.request_id: 0 for c in chunks if c.samples}, eos_token_ids,
-                  max_model_len)
+        sampled_requests = [c.request for c in chunks if c.samples]
+        advance_step(scheduler, chunks, sampled_requests, max_model_len)
+        book_tokens(scheduler, sampled_requests, np.zeros(len(sampled_requests), np.int32), eos_token_ids,
+                    max_model_len)
         clock += step_seconds()

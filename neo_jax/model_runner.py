@@ -2,7 +2,10 @@
 
 A step that touches no host memory runs `model_step`; one with host-resident requests, host-bound prefills or
 swaps runs `pipeline_step`. Both return the sampled tokens and the logits they were sampled from
-(`last_logits`, left on the device; tests compare them across policies).
+(`last_logits`, left on the device; tests compare them across policies). `launch` enqueues a step and returns
+at once; `fetch` waits for its tokens. Between the two the engine may launch the next step: its inputs name the
+tokens still on the device by `pending_token` rows, which the program reads from the previous step's tokens
+(`previous_tokens`, a fixed-size device buffer that every step updates, donated like the cache).
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from neo_jax.batch import ScheduledChunk, StepBatch, pack_step
 from neo_jax.config import EngineConfig, StepBuckets
@@ -59,20 +63,28 @@ STEP_COMPILER_OPTIONS = ({} if os.environ.get("NEO_XLA_COMMAND_BUFFERS") == "1"
 
 
 def _unpacking(step: Callable) -> Callable:
-    """`step(params, kv_cache, batch, sampling, *statics)` taking batch and sampling packed (neo_jax.host_inputs)."""
-    def unpacking_step(params, kv_cache, host_inputs: jax.Array, layout: HostLayout, *statics):
+    """`step(params, kv_cache, batch, sampling, *statics)` taking batch and sampling packed (neo_jax.host_inputs),
+    its pending tokens read from `previous_tokens` int32[L], which it returns with its own tokens in front."""
+    def unpacking_step(params, kv_cache, previous_tokens: jax.Array, host_inputs: jax.Array, layout: HostLayout,
+                       *statics):
         batch, sampling = layout.unpack(host_inputs)
-        return step(params, kv_cache, batch, sampling, *statics)
+        kv_cache, tokens, logits = step(params, kv_cache, batch.with_previous_tokens(previous_tokens), sampling,
+                                        *statics)
+        if tokens.shape[0] > previous_tokens.shape[0]:
+            raise ValueError(f"a step samples {tokens.shape[0]} rows, more than previous_tokens holds "
+                             f"({previous_tokens.shape[0]})")
+        return kv_cache, previous_tokens.at[:tokens.shape[0]].set(tokens), tokens, logits
 
     return unpacking_step
 
 
 # One jitted function of each kind for every runner: engines whose shapes and statics agree share programs.
-# Arguments: params, kv_cache (donated), the packed batch and sampling with their HostLayout, then the statics.
-jitted_step = jax.jit(_counted(_unpacking(model_step)), static_argnums=(3, 4, 5), donate_argnums=(1,),
+# Arguments: params, kv_cache and previous_tokens (both donated), the packed batch and sampling with their
+# HostLayout, then the statics.
+jitted_step = jax.jit(_counted(_unpacking(model_step)), static_argnums=(4, 5, 6), donate_argnums=(1, 2),
                       compiler_options=STEP_COMPILER_OPTIONS)
-jitted_pipeline_step = jax.jit(_counted(_unpacking(pipeline_step)), static_argnums=(3, 4, 5, 6),
-                               donate_argnums=(1,), compiler_options=STEP_COMPILER_OPTIONS)
+jitted_pipeline_step = jax.jit(_counted(_unpacking(pipeline_step)), static_argnums=(4, 5, 6, 7),
+                               donate_argnums=(1, 2), compiler_options=STEP_COMPILER_OPTIONS)
 
 
 def num_step_compilations() -> int:
@@ -114,6 +126,23 @@ class PackedStep:
 
 
 @dataclasses.dataclass
+class LaunchedStep:
+    """A step enqueued on the device: its schedule, packed inputs, and outputs, not yet fetched."""
+
+    schedule: PipelineSchedule | list[ScheduledChunk]
+    step: PackedStep
+    tokens: jax.Array   # int32[R]
+    logits: jax.Array   # float32[R, V]
+    pack_s: float       # host seconds packing it
+    launch_s: float     # and launching it
+
+    def logits_by_request(self) -> dict[int, np.ndarray]:
+        """The logits float32[V] each request samples from in this step (waits for the step)."""
+        logits = np.asarray(self.logits)
+        return {r.request_id: logits[row] for row, r in enumerate(self.step.sampled_requests) if r is not None}
+
+
+@dataclasses.dataclass
 class StepPhases:
     """Host wall seconds of one engine step, phase by phase (the benchmarks report their medians)."""
 
@@ -137,23 +166,28 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(model_config, num_blocks, config.block_size,
                                           None if mesh is None else kv_cache_sharding(mesh))
         self.host_pool = host_pool
-        self.last_logits: jax.Array | None = None  # float32[R, V] of the latest step's sampled rows
-        self.last_phases = StepPhases()              # of the latest `execute`: pack, launch, device wait
-        self._sampled_rows: dict[int, int] = {}
+        self.previous_tokens = jnp.zeros(self.buckets.max_sampled_rows, jnp.int32)  # the latest step's tokens first
+        if mesh is not None:
+            self.previous_tokens = jax.device_put(self.previous_tokens, NamedSharding(mesh, P()))
+        self.last_logits: jax.Array | None = None  # float32[R, V] of the latest launched step's sampled rows
+        self.last_phases = StepPhases()              # of the latest fetched step: pack, launch, device wait
+        self._fetched: LaunchedStep | None = None    # the latest fetched step
 
     def run(self, batch: StepBatch, sampling: SamplingBatch) -> jax.Array:
         """Runs one packed step on the device; the sampled tokens int32[R] (not yet fetched)."""
-        self.kv_cache, tokens, self.last_logits = jitted_step(*self._program_args(False, batch, sampling))
+        self.kv_cache, self.previous_tokens, tokens, self.last_logits = jitted_step(
+            *self._program_args(False, batch, sampling))
         return tokens
 
     def run_pipeline(self, batch: PipelineBatch, sampling: SamplingBatch) -> jax.Array:
         """Runs one packed pipeline step; the sampled tokens int32[R] (not yet fetched)."""
-        self.kv_cache, tokens, self.last_logits = jitted_pipeline_step(*self._program_args(True, batch, sampling))
+        self.kv_cache, self.previous_tokens, tokens, self.last_logits = jitted_pipeline_step(
+            *self._program_args(True, batch, sampling))
         return tokens
 
     def _program_args(self, pipelined: bool, batch: StepBatch | PipelineBatch, sampling: SamplingBatch) -> tuple:
         statics = (self.model_config, self.host_pool, self.mesh) if pipelined else (self.model_config, self.mesh)
-        return (self.params, self.kv_cache, *pack_host_inputs((batch, sampling)), *statics)
+        return (self.params, self.kv_cache, self.previous_tokens, *pack_host_inputs((batch, sampling)), *statics)
 
     def pack(self, schedule: PipelineSchedule | list[ScheduledChunk],
              eos_token_ids: tuple[int, ...]) -> PackedStep:
@@ -169,19 +203,32 @@ class ModelRunner:
         """Runs a packed step with the program of its kind; the sampled tokens int32[R] (not yet fetched)."""
         return (self.run_pipeline if step.pipelined else self.run)(step.batch, step.sampling)
 
-    def execute(self, schedule: PipelineSchedule | list[ScheduledChunk],
-                eos_token_ids: tuple[int, ...]) -> dict[int, int]:
-        """Computes the step; the sampled next token of each request that samples, by request id."""
+    def launch(self, schedule: PipelineSchedule | list[ScheduledChunk],
+               eos_token_ids: tuple[int, ...]) -> LaunchedStep:
+        """Packs the step and enqueues it on the device; returns without waiting for it."""
         start = time.perf_counter()
         step = self.pack(schedule, eos_token_ids)
         packed = time.perf_counter()
         tokens = self.run_packed(step)
-        launched = time.perf_counter()
-        tokens = np.asarray(tokens)
-        self.last_phases = StepPhases(pack_s=packed - start, launch_s=launched - packed,
-                                      device_wait_s=time.perf_counter() - launched)
-        self._sampled_rows = {r.request_id: row for row, r in enumerate(step.sampled_requests) if r is not None}
-        return {request_id: int(tokens[row]) for request_id, row in self._sampled_rows.items()}
+        return LaunchedStep(schedule, step, tokens, self.last_logits, packed - start, time.perf_counter() - packed)
+
+    def fetch(self, launched: LaunchedStep) -> np.ndarray:
+        """Waits for a launched step; its sampled tokens int32[R] (row i: `launched.step.sampled_requests[i]`).
+        `last_phases` and `last_logits_by_request` then describe this step."""
+        start = time.perf_counter()
+        tokens = np.asarray(launched.tokens)
+        self.last_phases = StepPhases(pack_s=launched.pack_s, launch_s=launched.launch_s,
+                                      device_wait_s=time.perf_counter() - start)
+        self._fetched = launched
+        return tokens
+
+    def execute(self, schedule: PipelineSchedule | list[ScheduledChunk],
+                eos_token_ids: tuple[int, ...]) -> dict[int, int]:
+        """Computes the step; the sampled next token of each request that samples, by request id."""
+        launched = self.launch(schedule, eos_token_ids)
+        tokens = self.fetch(launched)
+        return {r.request_id: int(tokens[row]) for row, r in enumerate(launched.step.sampled_requests)
+                if r is not None}
 
     def compile(self, steps: Iterable[PackedStep], max_workers: int = 4) -> int:
         """Compiles the programs of `steps` ahead of time, `max_workers` at once (XLA compiles outside the GIL);
@@ -204,6 +251,5 @@ class ModelRunner:
         return len(programs)
 
     def last_logits_by_request(self) -> dict[int, np.ndarray]:
-        """The logits float32[V] each request sampled its newest token from in the latest step (fetched now)."""
-        logits = np.asarray(self.last_logits)
-        return {request_id: logits[row] for request_id, row in self._sampled_rows.items()}
+        """The logits float32[V] each request sampled from in the latest fetched step (copied to the host now)."""
+        return self._fetched.logits_by_request()

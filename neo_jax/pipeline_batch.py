@@ -15,7 +15,8 @@ import functools
 import jax
 import numpy as np
 
-from neo_jax.batch import ScheduledChunk, StepBatch, fill_decode_rows, pack_step, prefill_spans, slots_of, split_chunks
+from neo_jax.batch import (ScheduledChunk, StepBatch, fill_decode_rows, pack_step, prefill_spans,
+                           resolve_pending_tokens, slots_of, split_chunks)
 from neo_jax.config import MIN_TOKEN_BUCKET, StepBuckets, bucket, power_of_two_at_least
 from neo_jax.sequence import Request
 
@@ -69,6 +70,9 @@ class CpuDecodes:
     def num_rows(self) -> int:
         return self.context_lens.shape[0]
 
+    def with_previous_tokens(self, previous_tokens: jax.Array) -> CpuDecodes:
+        return dataclasses.replace(self, token_ids=resolve_pending_tokens(self.token_ids, previous_tokens))
+
 
 @functools.partial(jax.tree_util.register_dataclass, meta_fields=[], data_fields=[
     "gpu", "host_prefill_slots", "host_chunk_rows", "host_context_slots", "batch0_cpu", "batch1_cpu",
@@ -93,6 +97,11 @@ class PipelineBatch:
     @property
     def has_host_prefills(self) -> bool:
         return self.host_prefill_slots.shape[0] > 0
+
+    def with_previous_tokens(self, previous_tokens: jax.Array) -> PipelineBatch:
+        return dataclasses.replace(self, gpu=self.gpu.with_previous_tokens(previous_tokens),
+                                   batch0_cpu=self.batch0_cpu.with_previous_tokens(previous_tokens),
+                                   batch1_cpu=self.batch1_cpu.with_previous_tokens(previous_tokens))
 
 
 def pack_cpu_decodes(chunks: list[ScheduledChunk], block_size: int,

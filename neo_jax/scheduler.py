@@ -114,8 +114,8 @@ class Scheduler:
         self.waiting.insert(position, request)
 
     def finish(self, request: Request, reason: str) -> None:
-        """Ends a running request and frees its blocks."""
-        self.running.remove(request)
+        """Ends a request, running or preempted (waiting to be recomputed), and frees its blocks."""
+        (self.running if request.status is RequestStatus.RUNNING else self.waiting).remove(request)
         self._free(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason

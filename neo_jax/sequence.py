@@ -8,6 +8,13 @@ import enum
 from neo_jax.sampling_params import SamplingParams
 
 
+def pending_token(row: int) -> int:
+    """The placeholder of a token that a step still on the device samples in row `row` of its sampled rows
+    (asynchronous scheduling): negative, so that no token id equals it. The next step's program reads the token
+    there from the device (neo_jax.batch.resolve_pending_tokens); the engine replaces it once it fetches it."""
+    return -1 - row
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -22,6 +29,7 @@ class Request:
     nothing). After a preemption the blocks are freed and `num_computed_tokens` drops to 0: the prompt and the
     output so far are prefilled again (recomputation), and since each token's random key depends only on
     (seed, output index), the continuation is the one the request would have produced without preemption.
+    Under asynchronous scheduling the last output token is a `pending_token` while the step sampling it runs.
     """
 
     request_id: int
@@ -43,6 +51,12 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_ready_output_tokens(self) -> int:
+        """Output tokens fetched from the device: all but a `pending_token` at the end."""
+        num_output = len(self.output_token_ids)
+        return num_output - 1 if num_output and self.output_token_ids[-1] < 0 else num_output
 
     @property
     def num_uncomputed_tokens(self) -> int:

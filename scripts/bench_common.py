@@ -4,6 +4,7 @@ in engine steps with the scheduler's counters, the host read bandwidth and the b
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import os
@@ -40,6 +41,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the weights and KV cache split over")
+    parser.add_argument("--no-async-scheduling", action="store_true",
+                        help="fetch each step's tokens before scheduling the next (default: overlap them)")
     parser.add_argument("--scenario", default=None, help="name of the setting in plots (default: model and KV sizes)")
     parser.add_argument("--bandwidth-probe-mb", type=int, default=1024, help="MiB the host read-bandwidth probe reads")
     parser.add_argument("--output-json", default=None, help="write the results here")
@@ -74,7 +77,7 @@ def engine_from_args(args: argparse.Namespace) -> LLMEngine:
         gpu_kv_cache_gb=args.gpu_kv_cache_gb, gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         cpu_kv_cache_gb=args.cpu_kv_cache_gb, cost_table=args.cost_table, block_size=args.block_size, seed=args.seed,
-        tensor_parallel_size=args.tensor_parallel_size))
+        tensor_parallel_size=args.tensor_parallel_size, async_scheduling=not args.no_async_scheduling))
 
 
 def scenario_name(args: argparse.Namespace) -> str:
@@ -103,25 +106,38 @@ def step_kind(moves_kv: bool, pipelined: bool) -> str:
 
 
 class StepMeter:
-    """Steps an engine, keeping the wall time of each `engine.step()`, and the scheduler's counters and the
-    step programs compiled from the moment the meter was made."""
+    """Steps an engine, keeping the wall time of each step, and the scheduler's counters and the step programs
+    compiled from the moment the meter was made.
+
+    A step's time is that of the `engine.step()` call that books its tokens, with the counters its scheduling
+    changed: under asynchronous scheduling the call that schedules a step books the one before it, whose device
+    time it waits for (the first call books nothing: its time goes to the next)."""
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self.step_times: list[float] = []
         self.step_counters: list[dict[str, int]] = []  # per step, the counters it changed and by how much
-        self.step_phases: list[dict[str, float]] = []   # per step, engine.last_step_phases
+        self.step_phases: list[dict[str, float]] = []   # per step, engine.last_step_phases of its booking call
         self._start = self._last = dataclasses.asdict(engine.scheduler.stats)
         self._start_compilations = num_step_compilations()
         self._start_xla_compilations = num_xla_compilations()
+        self._unbooked: collections.deque[dict[str, int]] = collections.deque()  # counters of launched steps
+        self._unbooked_seconds = 0.0
 
     def step(self) -> list[Request]:
+        booking = self.engine.has_step_in_flight or not self.engine.config.async_scheduling
         start = time.perf_counter()
         finished = self.engine.step()
-        self.step_times.append(time.perf_counter() - start)
-        self.step_phases.append(dataclasses.asdict(self.engine.last_step_phases))
+        self._unbooked_seconds += time.perf_counter() - start
         before, self._last = self._last, dataclasses.asdict(self.engine.scheduler.stats)
-        self.step_counters.append({name: now - before[name] for name, now in self._last.items() if now != before[name]})
+        changed = {name: now - before[name] for name, now in self._last.items() if now != before[name]}
+        if changed and (self.engine.has_step_in_flight or not self.engine.config.async_scheduling):
+            self._unbooked.append(changed)  # a step launched (not a schedule that found nothing to run)
+        if booking:
+            self.step_times.append(self._unbooked_seconds)
+            self.step_counters.append(self._unbooked.popleft())
+            self.step_phases.append(dataclasses.asdict(self.engine.last_step_phases))
+            self._unbooked_seconds = 0.0
         return finished
 
     def seconds_by_kind(self) -> dict[str, dict[str, float]]:

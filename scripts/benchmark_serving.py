@@ -56,7 +56,7 @@ def serve(engine: LLMEngine, prompts: list[list[int]], output_lens: list[int], a
                 start += time.perf_counter() - step_start
             stamp = time.perf_counter() - start
             for trace, request in live.values():
-                trace.token_times.extend([stamp] * (len(request.output_token_ids) - trace.output_len))
+                trace.token_times.extend([stamp] * (request.num_ready_output_tokens - trace.output_len))
             for request in finished:
                 live.pop(request.request_id)
             bar.update(len(finished))

@@ -1,15 +1,16 @@
-"""pack_step against a row-by-row reading of its layout, on random mixes of decodes and prefill chunks."""
+"""pack_step against a row-by-row reading of its layout, on random mixes of decodes and prefill chunks; the
+pending tokens of asynchronous scheduling."""
 
 from __future__ import annotations
 
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from neo_jax.batch import PAD_CONTEXT_REQUEST, PAD_QUERY_REQUEST, ScheduledChunk, pack_step
+from neo_jax.batch import PAD_CONTEXT_REQUEST, PAD_QUERY_REQUEST, ScheduledChunk, pack_step, resolve_pending_tokens
 from neo_jax.config import EngineConfig, StepBuckets
 from neo_jax.sampler import pack_sampling
 from neo_jax.sampling_params import SamplingParams
-from neo_jax.sequence import Request
+from neo_jax.sequence import Request, pending_token
 
 BLOCK_SIZE = 4
 BUCKETS = StepBuckets.for_engine(EngineConfig(model="tiny", block_size=BLOCK_SIZE, max_num_seqs=16,
@@ -94,3 +95,17 @@ def test_pack_step_lays_out_every_row_as_documented(chunks):
         assert (sampling.temperatures[row], sampling.top_k[row], sampling.top_p[row], sampling.seeds[row],
                 sampling.output_indices[row]) == params
     assert sampling.all_greedy == all(r is None or r.sampling_params.temperature == 0.0 for r in sampled)
+
+
+def test_pending_tokens_are_read_from_the_previous_steps_tokens():
+    previous_tokens = np.array([70, 71, 72, 73, 74], np.int32)
+    token_ids = np.array([5, pending_token(3), 0, pending_token(0), 9, pending_token(4)], np.int32)
+    resolved = np.asarray(resolve_pending_tokens(token_ids, previous_tokens))
+    np.testing.assert_array_equal(resolved, [5, 73, 0, 70, 9, 74])
+
+
+def test_a_pending_token_is_not_a_ready_output_token():
+    request = Request(0, [1, 2], SamplingParams(), seed=0, output_token_ids=[7, 8])
+    assert request.num_ready_output_tokens == 2
+    request.output_token_ids.append(pending_token(5))
+    assert request.num_ready_output_tokens == 2 and request.num_tokens == 5

@@ -1,5 +1,5 @@
-"""LLMEngine.compile_ahead (the step programs of a workload compiled before it runs, in parallel threads) and the
-host time of a step by phase."""
+"""LLMEngine.compile_ahead (the step programs of a workload compiled before it runs, in parallel threads), the
+host time of a step by phase, and the step kept in flight by asynchronous scheduling."""
 
 from __future__ import annotations
 
@@ -81,3 +81,21 @@ def test_a_step_reports_its_host_time_by_phase():
     assert all(seconds >= 0 for seconds in phases.values())
     assert phases["schedule_s"] > 0 and phases["pack_s"] > 0 and phases["launch_s"] > 0
     assert sum(phases.values()) <= wall_s
+
+
+def test_async_scheduling_keeps_one_step_in_flight():
+    """Each step() launches a step and books the one before it: the first books nothing, a last one only
+    drains; the outputs are the synchronous engine's."""
+    engine = LLMEngine(EngineConfig("tiny", **OPTIONS))
+    requests = [engine.add_request(prompt, params) for prompt, params in workload()[:2]]
+    assert engine.step() == [] and engine.has_step_in_flight
+    assert all(r.num_ready_output_tokens == 0 for r in requests)
+    finished, calls = [], 1
+    while engine.has_unfinished_requests():
+        finished += engine.step()
+        calls += 1
+    assert not engine.has_step_in_flight and sorted(finished, key=lambda r: r.request_id) == requests
+    assert calls == engine.scheduler.stats.num_steps + 1
+    synchronous = LLMEngine(EngineConfig("tiny", async_scheduling=False, **OPTIONS))
+    assert [r.output_token_ids for r in requests] == run(synchronous, workload()[:2])
+    assert synchronous.scheduler.stats.num_steps == engine.scheduler.stats.num_steps

@@ -19,6 +19,7 @@ H100); matmuls run at "highest" precision there, since float32 matmuls default t
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -109,15 +110,16 @@ def step_roles(schedule: PipelineSchedule, request_id: int) -> dict[str, object]
 
 def run_mirrored(config: EngineConfig, prompt_list: list[list[int]]) -> tuple[list[list[int]], LLMEngine, dict]:
     """Generates with the engine while its runner checks each step against the mirror (requests still hold
-    their state from before the step when the runner executes it)."""
-    engine = LLMEngine(config)
+    their state from before the step when the runner launches it). Scheduling is synchronous, so that no input
+    token is still on the device: test_async_scheduling_matches_sync covers the asynchronous engine."""
+    engine = LLMEngine(dataclasses.replace(config, async_scheduling=False))
     mirror = GpuOnlyMirror(engine)
     events = {"batch0_cpu_rows": 0, "host_prefills": 0}
-    execute = engine.runner.execute
+    launch = engine.runner.launch
 
-    def execute_and_compare(schedule, eos_token_ids):
-        sampled = execute(schedule, eos_token_ids)
-        logits = engine.runner.last_logits_by_request()
+    def launch_and_compare(schedule, eos_token_ids):
+        launched = launch(schedule, eos_token_ids)
+        logits = launched.logits_by_request()
         expected = mirror.replay(schedule.chunks)
         assert expected.keys() == logits.keys()
         cpu_decode_ids = {c.request.request_id for c in schedule.batch0_cpu_chunks + schedule.batch1_cpu_chunks}
@@ -128,9 +130,9 @@ def run_mirrored(config: EngineConfig, prompt_list: list[list[int]]) -> tuple[li
                                                f"in step {engine.scheduler.stats.num_steps}")
         events["batch0_cpu_rows"] += len(schedule.batch0_cpu_chunks)
         events["host_prefills"] += len(schedule.host_prefill_ids)
-        return sampled
+        return launched
 
-    engine.runner.execute = execute_and_compare
+    engine.runner.launch = launch_and_compare
     requests = [engine.add_request(p, GREEDY) for p in prompt_list]
     while engine.has_unfinished_requests():
         engine.step()
@@ -162,6 +164,38 @@ def test_offloading_matches_gpu_only(tmp_path, gpu_only_tokens, policy, num_gpu_
     counters = {**vars(engine.scheduler.stats), **events}
     for event in expected_events:  # the placements this case exists for did happen
         assert counters[event] > 0, (event, counters)
+
+
+@pytest.mark.parametrize("policy, num_gpu_blocks", [("gpu-only", 17), ("cpu-all", 40), ("neo", 14)])
+def test_async_scheduling_matches_sync(tmp_path, policy, num_gpu_blocks):
+    """Asynchronous scheduling gives synchronous scheduling's tokens and finish reasons, each request returned
+    once: with seeded random and greedy sampling, a stop token that ends requests while their next step runs,
+    min_tokens, different max_tokens, and preemptions or swaps and pipelined steps."""
+    prompt_list = prompts(0, count=8)
+    table = cost_table(tmp_path, 0.01)
+
+    def generate(async_scheduling: bool, stop_token_ids: tuple[int, ...] = ()) -> tuple[list, dict]:
+        engine = LLMEngine(EngineConfig("tiny", policy=policy, num_gpu_blocks=num_gpu_blocks, num_cpu_blocks=120,
+                                        cost_table=table, async_scheduling=async_scheduling, **OPTIONS))
+        requests = [engine.add_request(prompt, SamplingParams(
+            temperature=1.0 if index % 2 else 0.0, seed=index, max_tokens=10 + index, min_tokens=index % 3,
+            stop_token_ids=stop_token_ids, ignore_eos=True)) for index, prompt in enumerate(prompt_list)]
+        finished = []
+        while engine.has_unfinished_requests():
+            finished += engine.step()
+        assert sorted(r.request_id for r in finished) == sorted(r.request_id for r in requests)
+        return [(r.output_token_ids, r.finish_reason) for r in requests], vars(engine.scheduler.stats)
+
+    free_run, _ = generate(False)
+    stop = free_run[0][0][3]  # the fourth token of the first request, greedy
+    expected, _ = generate(False, (stop,))
+    outputs, stats = generate(True, (stop,))
+    assert outputs == expected
+    assert sum(reason == "stop" for _, reason in expected) >= 1 and any(reason == "length" for _, reason in expected)
+    if policy != "cpu-all":  # which prefills every prompt to the host pool
+        assert stats["num_preemptions"] + stats["num_swap_out"] > 0, stats
+    if policy != "gpu-only":
+        assert stats["num_pipelined_steps"] > 0, stats
 
 
 def test_a_full_host_pool_makes_requests_wait(tmp_path):

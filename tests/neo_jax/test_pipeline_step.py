@@ -101,7 +101,9 @@ def compile_pipeline_step(swap_out: bool, share: bool = True, batch1: bool = Tru
                           host_prefill: bool = False) -> str:
     """The compiled HLO of the step of `pipeline_step_args`."""
     params, kv_cache, batch, sampling, *statics = pipeline_step_args(swap_out, share, batch1, swap_in, host_prefill)
-    lowered = jitted_pipeline_step.lower(params, kv_cache, *pack_host_inputs((batch, sampling)), *statics)
+    previous_tokens = jnp.zeros(4 * 8, jnp.int32)  # StepBuckets.max_sampled_rows at max_num_seqs 8
+    lowered = jitted_pipeline_step.lower(params, kv_cache, previous_tokens, *pack_host_inputs((batch, sampling)),
+                                         *statics)
     return lowered.compile().as_text()
 
 

@@ -50,14 +50,14 @@ def generate_greedy(tensor_parallel_size: int, policy: str = "gpu-only", cost_ta
     options = ENGINE_OPTIONS if policy == "gpu-only" else dict(OFFLOAD_OPTIONS, cost_table=cost_table)
     llm = LLM(TP_MODEL, tensor_parallel_size=tensor_parallel_size, policy=policy, **options)
     if step_logits is not None:
-        runner, execute = llm.engine.runner, llm.engine.runner.execute
+        runner, launch = llm.engine.runner, llm.engine.runner.launch
 
-        def execute_and_record(schedule, eos_token_ids):
-            sampled = execute(schedule, eos_token_ids)
-            step_logits.append(runner.last_logits_by_request())
-            return sampled
+        def launch_and_record(schedule, eos_token_ids):
+            launched = launch(schedule, eos_token_ids)
+            step_logits.append(launched.logits_by_request())
+            return launched
 
-        runner.execute = execute_and_record
+        runner.launch = launch_and_record
     outputs = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
     compiled = num_step_compilations()
     again = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
