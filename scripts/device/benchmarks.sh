@@ -10,6 +10,7 @@
 # compiles in ~10 s on the GPU (a run needs ~20 of them): the XLA cache lets later steps and calls on a warm
 # machine reuse the programs, and WARMUP=compile makes the throughput runs compile their programs in parallel
 # (COMPILE_WORKERS at once, default 4) instead of replaying the workload untimed (benchmark_throughput.py --warmup).
+# EXTRA_ARGS adds options to every run and RESULTS (default benchmarks/results) says where their JSON goes.
 # A serving sweep replays each rate untimed (up to 3 times, until a replay compiles nothing) before timing it:
 # give it a call of its own per policy (POLICIES=neo, then POLICIES=gpu-only) if both do not fit.
 # Every step runs under `timeout`, bounded by what is left of BUDGET_S (default 570 s, for a 10-minute call);
@@ -26,7 +27,9 @@ read -r -a SCENARIOS <<< "${SCENARIOS[*]}"
 OUT=${OUT:-/tmp/benchmarks_out}
 POLICIES=${POLICIES:-gpu-only neo cpu-all}
 BENCHMARKS=${BENCHMARKS:-throughput serving}
-RESULTS=benchmarks/results
+RESULTS=${RESULTS:-benchmarks/results}
+# shellcheck disable=SC2206  # EXTRA_ARGS: options for every benchmark run, e.g. --no-async-scheduling (with
+EXTRA=(${EXTRA_ARGS:-})      # RESULTS=benchmarks/results/sync, so that such runs keep their own JSON and plots)
 COST_TABLES=benchmarks/cost_tables
 export NEO_JAX_COST_TABLES=$PWD/$COST_TABLES
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL=16 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
@@ -75,7 +78,7 @@ EOF
 # run SCENARIO MODEL LABEL "ENGINE ARGS" THROUGHPUT_PROMPTS CPU_ALL_PROMPTS SERVING_PROMPTS "RATES"
 run() {
   local id=$1 model=$2 label=$3 engine=$4 prompts=$5 cpu_all_prompts=$6 serving_prompts=$7 rates=$8 policy
-  local common=(--model "$model" --dtype bfloat16 --scenario "$label" "${LENGTHS[@]}")
+  local common=(--model "$model" --dtype bfloat16 --scenario "$label" "${LENGTHS[@]}" "${EXTRA[@]}")
   # shellcheck disable=SC2206  # word splitting of the engine options and rates is intended
   local engine_args=($engine) rate_args=($rates)
   profile "$model"
