@@ -21,9 +21,9 @@ export CMAKE_ARGS=${CMAKE_ARGS:--DCMAKE_CUDA_ARCHITECTURES=90-real}
   fi
   python3 -c "from neo_jax.cpu_ops import handoff; print('cuda handoff:', handoff.cuda_handoff_available(), handoff.cuda_driver_status())"
   if [ -n "${EXTRA:-}" ]; then bash -c "$EXTRA"; echo "extra exit code $?"; fi
-  if [ "${TEST_TIMEOUT:-360}" != 0 ]; then
+  if [ "${TEST_TIMEOUT:-480}" != 0 ]; then
     # The tests compile dozens of small programs; skipping GEMM autotuning shortens each compile.
-    XLA_FLAGS=${TEST_XLA_FLAGS:---xla_gpu_autotune_level=0} timeout "${TEST_TIMEOUT:-360}" \
+    XLA_FLAGS=${TEST_XLA_FLAGS:---xla_gpu_autotune_level=0} timeout "${TEST_TIMEOUT:-480}" \
       python3 -m pytest -q --tb=short -rA -p no:cacheprovider \
       tests/neo_jax/test_pipeline.py ${TEST_ARGS:-}
     echo "pipeline tests exit code $?"
