@@ -9,7 +9,6 @@ fetched, and its row in step n+1 is dropped. All on one thread; the device order
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
