@@ -188,9 +188,15 @@ def test_async_scheduling_matches_sync(tmp_path, policy, num_gpu_blocks):
 
     free_run, _ = generate(False)
     stop = free_run[0][0][3]  # the fourth token of the first request, greedy
-    expected, _ = generate(False, (stop,))
+    expected, sync_stats = generate(False, (stop,))
     outputs, stats = generate(True, (stop,))
     assert outputs == expected
+
+    def kv_tokens_read(counters: dict) -> int:
+        return counters["gpu_kv_tokens_read"] + counters["cpu_kv_tokens_read"]
+
+    # The requests a stop token ended had their next step in flight: those rows ran, and were dropped.
+    assert kv_tokens_read(stats) > kv_tokens_read(sync_stats)
     assert sum(reason == "stop" for _, reason in expected) >= 1 and any(reason == "length" for _, reason in expected)
     if policy != "cpu-all":  # which prefills every prompt to the host pool
         assert stats["num_preemptions"] + stats["num_swap_out"] > 0, stats
