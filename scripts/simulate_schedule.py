@@ -27,7 +27,7 @@ from neo_jax.benchmark_metrics import poisson_arrivals
 from neo_jax.block_manager import BlockPool
 from neo_jax.config import EngineConfig
 from neo_jax.cost_model import CostModel
-from neo_jax.engine import dry_run
+from neo_jax.booking import dry_run
 from neo_jax.kv_cache import num_cpu_blocks, num_gpu_blocks
 from neo_jax.models.config import get_config
 from neo_jax.pipeline_scheduler import PipelineScheduler

@@ -8,7 +8,7 @@ import pytest
 from neo_jax.block_manager import BlockPool
 from neo_jax.config import EngineConfig
 from neo_jax.cost_model import MachineId, fallback_cost_model
-from neo_jax.engine import scheduled_chunks
+from neo_jax.booking import scheduled_chunks
 from neo_jax.models.config import PRESETS
 from neo_jax.pipeline_scheduler import PipelineScheduler
 from neo_jax.sampling_params import SamplingParams
