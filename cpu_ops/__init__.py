@@ -8,6 +8,7 @@ from neo_jax.cpu_ops.jax_ops import jax_append_kv, jax_paged_decode_attention
 from neo_jax.cpu_ops.ops import (
     append_kv,
     available_isas,
+    chunk_tokens,
     cpu_isa,
     num_threads,
     paged_decode_attention,
@@ -19,6 +20,7 @@ from neo_jax.cpu_ops.ops import (
 __all__ = [
     "append_kv",
     "available_isas",
+    "chunk_tokens",
     "cpu_isa",
     "jax_append_kv",
     "jax_paged_decode_attention",

@@ -64,6 +64,12 @@ def available_isas() -> list[str]:
     return _C.available_isas()
 
 
+def chunk_tokens() -> int:
+    """Target tokens per chunk that a long context splits into, each chunk a task of its own, merged by
+    log-sum-exp: `NEO_CPU_CHUNK_TOKENS` (default 512), fixed for the process."""
+    return _C.chunk_tokens()
+
+
 def num_threads() -> int:
     """Threads of the op's pool (the calling thread included)."""
     return _C.num_threads()

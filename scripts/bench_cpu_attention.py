@@ -194,7 +194,8 @@ def main() -> None:
         raise ValueError("--max-kv-gb leaves no (requests, context) cell to run")
     num_blocks = max(r * -(-c // args.block_size) for r, c in grid) + 1
     pool_shape = (num_blocks, args.num_kv_heads, args.block_size, args.head_dim)
-    print(f"{threads} threads, isa {args.isa or cpu_ops.cpu_isa()}, K/V pool {pool_shape} x 2 {args.dtype}")
+    print(f"{threads} threads, isa {args.isa or cpu_ops.cpu_isa()}, chunks of {cpu_ops.chunk_tokens()} tokens, "
+          f"K/V pool {pool_shape} x 2 {args.dtype}")
 
     probe_bytes = int(args.probe_gb * 1e9)
     read_before = best_read_bandwidth(probe_bytes)
@@ -224,6 +225,7 @@ def main() -> None:
                        and goal["min_speedup_vs_torch"] >= GOAL_SPEEDUP_VS_TORCH)
     results = {
         "machine": machine_info(), "threads": threads, "isa": args.isa or cpu_ops.cpu_isa(),
+        "chunk_tokens": cpu_ops.chunk_tokens(),
         "shape": {"num_q_heads": args.num_q_heads, "num_kv_heads": args.num_kv_heads, "head_dim": args.head_dim,
                   "block_size": args.block_size, "dtype": args.dtype, "pool_blocks": num_blocks,
                   "huge_pages": args.huge_pages},

@@ -17,9 +17,6 @@
 namespace neo {
 namespace {
 
-// Target chunk length: long enough that merging and dispatch cost little next to reading the chunk's
-// K/V, short enough that one request of a few thousand tokens spreads over every core.
-constexpr int64_t kChunkTokens = 512;
 // Tokens per online-softmax tile (rounded to whole blocks).
 constexpr int64_t kTileTokens = 128;
 constexpr int64_t kFloatsPerLine = 16;
@@ -36,9 +33,10 @@ ChunkKernel chunk_kernel(Isa isa, int64_t head_dim) {
 int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 
 // Tokens per chunk of a context of `length` (> 0) tokens: near-equal whole-block chunks of about
-// kChunkTokens each.
+// chunk_target_tokens() each.
 int64_t chunk_tokens(int64_t length, int64_t block_size) {
-  const int64_t num_chunks = (length + kChunkTokens - 1) / kChunkTokens;
+  const int64_t target = chunk_target_tokens();
+  const int64_t num_chunks = (length + target - 1) / target;
   return round_up((length + num_chunks - 1) / num_chunks, block_size);
 }
 
@@ -103,6 +101,13 @@ void merge_chunks(const MergeTask& merge, const float* partials, const PagedKvCa
 }
 
 }  // namespace
+
+// Long enough that merging and dispatch cost little next to reading a chunk's K/V, short enough that one
+// request of a few thousand tokens spreads over every core.
+int64_t chunk_target_tokens() {
+  static const int64_t tokens = env_int("NEO_CPU_CHUNK_TOKENS", 512);
+  return tokens;
+}
 
 void paged_decode_attention(const PagedKvCache& cache, const DecodeBatch& batch, ThreadPool& pool, Isa isa) {
   static thread_local Workspace ws;

@@ -33,6 +33,8 @@ int read_int(const std::string& path, int fallback) {
   return (file >> value) ? value : fallback;
 }
 
+}  // namespace
+
 int env_int(const char* name, int fallback) {
   const char* text = std::getenv(name);
   if (text == nullptr || *text == '\0') return fallback;
@@ -40,8 +42,6 @@ int env_int(const char* name, int fallback) {
   long value = std::strtol(text, &end, 10);
   return (*end == '\0' && value > 0 && value < (1 << 20)) ? static_cast<int>(value) : fallback;
 }
-
-}  // namespace
 
 std::vector<int> physical_core_cpus() {
   cpu_set_t allowed;

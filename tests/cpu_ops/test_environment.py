@@ -1,4 +1,5 @@
-"""Environment knobs (NEO_CPU_ISA, NEO_CPU_THREADS) and a clean interpreter exit, in subprocesses."""
+"""Environment knobs (NEO_CPU_ISA, NEO_CPU_THREADS, NEO_CPU_CHUNK_TOKENS) and a clean interpreter exit, in
+subprocesses."""
 
 from __future__ import annotations
 
@@ -40,6 +41,24 @@ def test_neo_cpu_isa_caps_the_default_kernel(isa):
     """
     pythonpath = os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])
     assert run_python(code, NEO_CPU_ISA=isa, PYTHONPATH=pythonpath) == f"{isa} True"
+
+
+@pytest.mark.parametrize("chunk_tokens", [None, "16", "1024"])
+def test_neo_cpu_chunk_tokens_sets_the_chunks_and_keeps_the_result(chunk_tokens):
+    """Chunks of 16 tokens split the 1000- and 2100-token contexts into many merged parts, 1024 into one or
+    three: the op still matches the float64 reference."""
+    code = """
+        import ml_dtypes, numpy as np
+        from attention_reference import make_batch, output_tolerance, reference_attention
+        from neo_jax import cpu_ops
+        b = make_batch(np.random.default_rng(1), [1000, 2100, 7], 2, 4, 64, 16, np.float32, ml_dtypes.bfloat16)
+        out = cpu_ops.paged_decode_attention(b.q, b.k_cache, b.v_cache, b.block_tables, b.context_lens)
+        expected = reference_attention(b)
+        close = np.allclose(out, expected, rtol=output_tolerance(np.float32), atol=1e-4 * np.abs(expected).max())
+        print(cpu_ops.chunk_tokens(), close)
+    """
+    pythonpath = os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])
+    assert run_python(code, NEO_CPU_CHUNK_TOKENS=chunk_tokens, PYTHONPATH=pythonpath) == f"{chunk_tokens or 512} True"
 
 
 def physical_cores() -> int:
