@@ -73,9 +73,15 @@ def test_a_stop_token_drops_the_row_of_the_step_already_launched():
 
 
 def test_a_preempted_request_that_stops_leaves_the_queue():
-    scheduler, (request,) = scheduler_with(8)
-    rows = launch(scheduler)
-    scheduler.running.remove(request)
-    scheduler._preempt(request)  # as a later schedule would, before the token is fetched
-    assert book_tokens(scheduler, rows, np.array([STOP, 0]), (), MAX_MODEL_LEN) == [request]
-    assert not scheduler.waiting and not scheduler.has_unfinished() and request.finish_reason == "stop"
+    config = EngineConfig(model="tiny", block_size=4, max_num_batched_tokens=32, max_num_seqs=4)
+    scheduler = Scheduler(config, BlockPool("gpu", 4, 4))  # 3 usable blocks
+    requests = [Request(i, [5, 6, 7, 8], SamplingParams(max_tokens=8, stop_token_ids=(STOP,)), seed=0)
+                for i in range(2)]
+    for request in requests:
+        scheduler.add(request)
+    rows = launch(scheduler)  # a block each
+    schedule(scheduler)  # each decode needs a second block: the newest request is preempted
+    preempted = requests[1]
+    assert preempted.status is RequestStatus.WAITING and preempted.output_token_ids == [pending_token(1)]
+    assert book_tokens(scheduler, rows, np.array([12, STOP, 0]), (), MAX_MODEL_LEN) == [preempted]
+    assert preempted not in scheduler.waiting and preempted.finish_reason == "stop"
