@@ -4,7 +4,13 @@ With asynchronous scheduling (the default) one step is always on the device whil
 schedules, packs and launches step n+1, then fetches step n's tokens and books them, then books step n+1's chunks
 with a `pending_token` for each token it samples. Step n+1 was scheduled with step n's chunks booked and its
 length-limited requests finished; a request that step n stops on a stop token is finished when its token is
-fetched, and its row in step n+1 is dropped. All on one thread; the device orders the steps.
+fetched, and its row in step n+1 is dropped.
+
+Threads: the caller's thread does all of the above, and XLA enqueues each program's kernels from it. The device
+runs the steps in order, so a block freed while a step is in flight is reused only after that step. Host-pool
+work (CPU attention, K/V stores and loads) runs on the op's worker pool (neo_jax.cpu_ops, pinned threads): on the
+CPU backend inside the custom calls, on a GPU handed over by a dispatcher thread that takes the calls in sequence
+order as the device rings their doorbells (neo_jax.cpu_ops.handoff), so those of step n+1 follow those of step n.
 """
 
 from __future__ import annotations
