@@ -15,6 +15,7 @@ order as the device rings their doorbells (neo_jax.cpu_ops.handoff), so those of
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -24,12 +25,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from neo_jax.batch import ScheduledChunk
 from neo_jax.block_manager import BlockPool, blocks_for
 from neo_jax.booking import advance_step, book_tokens, dry_run, scheduled_chunks
 from neo_jax.config import EngineConfig
 from neo_jax.cost_model import CostModel, HardwareSpec, MachineId, gpu_side_name, load_cost_model
 from neo_jax.kv_cache import allocate_host_kv_pool, num_cpu_blocks, num_gpu_blocks
-from neo_jax.model_runner import LaunchedStep, ModelRunner, StepPhases
+from neo_jax.model_runner import LaunchedStep, ModelRunner
 from neo_jax.models import llama, loading
 from neo_jax.models.config import ModelConfig, get_config
 from neo_jax.sampling_params import SamplingParams
@@ -54,6 +56,17 @@ def load_model(model: str, dtype: str | None, seed: int, mesh: Mesh | None = Non
     if mesh is None:
         return config, llama.init_params(config, jax.random.key(seed))
     return config, init_sharded_params(config, jax.random.key(seed), mesh)
+
+
+@dataclasses.dataclass
+class StepPhases:
+    """Host wall seconds of one `LLMEngine.step()`, phase by phase (the benchmarks report their medians)."""
+
+    schedule_s: float = 0.0     # the scheduler's plan, applied to the pools
+    pack_s: float = 0.0         # the step's padded arrays
+    launch_s: float = 0.0       # the jitted call: dispatch, the input copy, XLA enqueueing the program
+    device_wait_s: float = 0.0  # until the booked step's sampled tokens reach the host
+    book_s: float = 0.0         # the tokens booked on their requests
 
 
 class LLMEngine:
@@ -161,35 +174,36 @@ class LLMEngine:
         time by phase: scheduling, packing and launching this step, waiting for and booking the booked one."""
         start = time.perf_counter()
         schedule = self.scheduler.schedule() if self.scheduler.has_unfinished() else []
-        if not scheduled_chunks(schedule) and self._in_flight is None:
+        chunks = scheduled_chunks(schedule)
+        if not chunks and self._in_flight is None:
             raise RuntimeError(f"the scheduler found nothing to run for {len(self.scheduler.waiting)} waiting and "
                                f"{len(self.scheduler.running)} running requests (KV pools too small?)")
         phases = StepPhases(schedule_s=time.perf_counter() - start)
         launched = None
-        if scheduled_chunks(schedule):
+        if chunks:
             launched = self.runner.launch(schedule, self.eos_token_ids)
             phases.pack_s, phases.launch_s = launched.pack_s, launched.launch_s
             if not self.config.async_scheduling:
-                self._advance(launched, phases)
+                self._advance(launched, chunks, phases)
                 self._in_flight, launched = launched, None
         finished = []
         if self._in_flight is not None:
+            waiting = time.perf_counter()
             tokens = self.runner.fetch(self._in_flight)
-            phases.device_wait_s = self.runner.last_phases.device_wait_s
             booking = time.perf_counter()
+            phases.device_wait_s = booking - waiting
             finished = book_tokens(self.scheduler, self._in_flight.step.sampled_requests, tokens,
                                    self.eos_token_ids, self.max_model_len)
             phases.book_s += time.perf_counter() - booking
         if launched is not None:
-            self._advance(launched, phases)
+            self._advance(launched, chunks, phases)
         self._in_flight = launched
         self.last_step_phases = phases
         return finished
 
-    def _advance(self, launched: LaunchedStep, phases: StepPhases) -> None:
+    def _advance(self, launched: LaunchedStep, chunks: list[ScheduledChunk], phases: StepPhases) -> None:
         start = time.perf_counter()
-        advance_step(self.scheduler, scheduled_chunks(launched.schedule), launched.step.sampled_requests,
-                     self.max_model_len)
+        advance_step(self.scheduler, chunks, launched.step.sampled_requests, self.max_model_len)
         phases.book_s += time.perf_counter() - start
 
     def compile_ahead(self, requests: Sequence[tuple[Sequence[int], SamplingParams]], max_workers: int = 4) -> int:

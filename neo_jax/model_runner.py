@@ -127,9 +127,8 @@ class PackedStep:
 
 @dataclasses.dataclass
 class LaunchedStep:
-    """A step enqueued on the device: its schedule, packed inputs, and outputs, not yet fetched."""
+    """A step enqueued on the device: its packed inputs, and its outputs, not yet fetched."""
 
-    schedule: PipelineSchedule | list[ScheduledChunk]
     step: PackedStep
     tokens: jax.Array   # int32[R]
     logits: jax.Array   # float32[R, V]
@@ -140,17 +139,6 @@ class LaunchedStep:
         """The logits float32[V] each request samples from in this step (waits for the step)."""
         logits = np.asarray(self.logits)
         return {r.request_id: logits[row] for row, r in enumerate(self.step.sampled_requests) if r is not None}
-
-
-@dataclasses.dataclass
-class StepPhases:
-    """Host wall seconds of one engine step, phase by phase (the benchmarks report their medians)."""
-
-    schedule_s: float = 0.0     # the scheduler's plan, applied to the pools
-    pack_s: float = 0.0         # the step's padded arrays
-    launch_s: float = 0.0       # the jitted call: dispatch, the input copy, XLA enqueueing the program
-    device_wait_s: float = 0.0  # until the sampled tokens reach the host
-    book_s: float = 0.0         # the tokens booked on their requests
 
 
 class ModelRunner:
@@ -170,7 +158,6 @@ class ModelRunner:
         if mesh is not None:
             self.previous_tokens = jax.device_put(self.previous_tokens, NamedSharding(mesh, P()))
         self.last_logits: jax.Array | None = None  # float32[R, V] of the latest launched step's sampled rows
-        self.last_phases = StepPhases()              # of the latest fetched step: pack, launch, device wait
         self._fetched: LaunchedStep | None = None    # the latest fetched step
 
     def run(self, batch: StepBatch, sampling: SamplingBatch) -> jax.Array:
@@ -210,17 +197,13 @@ class ModelRunner:
         step = self.pack(schedule, eos_token_ids)
         packed = time.perf_counter()
         tokens = self.run_packed(step)
-        return LaunchedStep(schedule, step, tokens, self.last_logits, packed - start, time.perf_counter() - packed)
+        return LaunchedStep(step, tokens, self.last_logits, packed - start, time.perf_counter() - packed)
 
     def fetch(self, launched: LaunchedStep) -> np.ndarray:
         """Waits for a launched step; its sampled tokens int32[R] (row i: `launched.step.sampled_requests[i]`).
-        `last_phases` and `last_logits_by_request` then describe this step."""
-        start = time.perf_counter()
-        tokens = np.asarray(launched.tokens)
-        self.last_phases = StepPhases(pack_s=launched.pack_s, launch_s=launched.launch_s,
-                                      device_wait_s=time.perf_counter() - start)
+        `last_logits_by_request` then describes this step."""
         self._fetched = launched
-        return tokens
+        return np.asarray(launched.tokens)
 
     def execute(self, schedule: PipelineSchedule | list[ScheduledChunk],
                 eos_token_ids: tuple[int, ...]) -> dict[int, int]:

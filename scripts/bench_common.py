@@ -124,15 +124,20 @@ class StepMeter:
         self._unbooked: collections.deque[dict[str, int]] = collections.deque()  # counters of launched steps
         self._unbooked_seconds = 0.0
 
+    def _stepping_books_a_step(self) -> bool:
+        """Asked before `engine.step()`: whether the call books a step. Asked after it: whether it launched one
+        (under synchronous scheduling every call does both; a schedule that found nothing launches nothing)."""
+        return self.engine.has_step_in_flight or not self.engine.config.async_scheduling
+
     def step(self) -> list[Request]:
-        booking = self.engine.has_step_in_flight or not self.engine.config.async_scheduling
+        booking = self._stepping_books_a_step()
         start = time.perf_counter()
         finished = self.engine.step()
         self._unbooked_seconds += time.perf_counter() - start
         before, self._last = self._last, dataclasses.asdict(self.engine.scheduler.stats)
         changed = {name: now - before[name] for name, now in self._last.items() if now != before[name]}
-        if changed and (self.engine.has_step_in_flight or not self.engine.config.async_scheduling):
-            self._unbooked.append(changed)  # a step launched (not a schedule that found nothing to run)
+        if changed and self._stepping_books_a_step():
+            self._unbooked.append(changed)
         if booking:
             self.step_times.append(self._unbooked_seconds)
             self.step_counters.append(self._unbooked.popleft())
