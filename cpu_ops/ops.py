@@ -66,7 +66,7 @@ def available_isas() -> list[str]:
 
 def chunk_tokens() -> int:
     """Target tokens per chunk that a long context splits into, each chunk a task of its own, merged by
-    log-sum-exp: `NEO_CPU_CHUNK_TOKENS` (default 512), fixed for the process."""
+    log-sum-exp: `NEO_CPU_CHUNK_TOKENS` (default 1024), fixed for the process."""
     return _C.chunk_tokens()
 
 

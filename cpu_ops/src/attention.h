@@ -79,7 +79,7 @@ std::string check_append_args(const Tensor& k_cache, const Tensor& v_cache, cons
 std::string validate(const PagedKvCache& cache, const DecodeBatch& batch);
 std::string validate(const PagedKvCache& cache, const KvAppend& append);
 
-// Target tokens per chunk of a long context: NEO_CPU_CHUNK_TOKENS (default 512), read once per process, so
+// Target tokens per chunk of a long context: NEO_CPU_CHUNK_TOKENS (default 1024), read once per process, so
 // that a request's output bits depend on nothing else in its batch.
 int64_t chunk_target_tokens();
 

@@ -18,7 +18,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_isa", [] { return neo::isa_name(neo::best_isa()); },
         "The vector instruction set the kernels dispatch to on this CPU.");
   m.def("chunk_tokens", [] { return neo::chunk_target_tokens(); },
-        "Target tokens per chunk of a long context (NEO_CPU_CHUNK_TOKENS, default 512).");
+        "Target tokens per chunk of a long context (NEO_CPU_CHUNK_TOKENS, default 1024).");
   neo::register_attention(m);
   neo::register_ffi_targets(m);
   neo::register_bandwidth_probe(m);

@@ -43,10 +43,10 @@ def test_neo_cpu_isa_caps_the_default_kernel(isa):
     assert run_python(code, NEO_CPU_ISA=isa, PYTHONPATH=pythonpath) == f"{isa} True"
 
 
-@pytest.mark.parametrize("chunk_tokens", [None, "16", "1024"])
+@pytest.mark.parametrize("chunk_tokens", [None, "16", "512"])
 def test_neo_cpu_chunk_tokens_sets_the_chunks_and_keeps_the_result(chunk_tokens):
-    """Chunks of 16 tokens split the 1000- and 2100-token contexts into many merged parts, 1024 into one or
-    three: the op still matches the float64 reference."""
+    """Chunks of 16 tokens split the 1000- and 2100-token contexts into many merged parts, 512 into two or
+    five, the default (1024) into one or three: the op still matches the float64 reference."""
     code = """
         import ml_dtypes, numpy as np
         from attention_reference import make_batch, output_tolerance, reference_attention
@@ -58,7 +58,7 @@ def test_neo_cpu_chunk_tokens_sets_the_chunks_and_keeps_the_result(chunk_tokens)
         print(cpu_ops.chunk_tokens(), close)
     """
     pythonpath = os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])
-    assert run_python(code, NEO_CPU_CHUNK_TOKENS=chunk_tokens, PYTHONPATH=pythonpath) == f"{chunk_tokens or 512} True"
+    assert run_python(code, NEO_CPU_CHUNK_TOKENS=chunk_tokens, PYTHONPATH=pythonpath) == f"{chunk_tokens or 1024} True"
 
 
 def physical_cores() -> int:
