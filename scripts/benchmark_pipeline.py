@@ -20,7 +20,10 @@ mechanism alone). batch1_overhead_us_per_layer is the first with the request in 
 batch-1's own linear layers (a second read of the weights). overlap_ratio =
 pipeline_s / max(gpu_side_s, cpu_side_s). Per length L of `--host-prefill-lens`, a step that prefills one
 L-token prompt into the GPU pool and the same step with its KV going to the host pool (each layer's rows
-stored there): host_prefill_overhead_us_per_layer is their difference / layers.
+stored there): host_prefill_overhead_us_per_layer is their difference / layers. Per count S of `--swap-requests`,
+batch-0's step with S more requests of `--context` tokens swapped out (GPU pool -> host pool) before its layers, and
+with S swapped in: swap_{out,in}_overhead_ms is the difference to the GPU-only step and swap_{out,in}_gb_per_s the
+K/V bytes moved over that difference (what the engine's swap steps pay per request).
 JSON goes to stdout and --output-json after every measurement.
 """
 
@@ -41,9 +44,9 @@ from neo_jax.block_manager import BlockPool, blocks_for
 from neo_jax.config import EngineConfig
 from neo_jax.cpu_ops import paged_decode_attention
 from neo_jax.engine import load_model
-from neo_jax.kv_cache import allocate_host_kv_pool
+from neo_jax.kv_cache import allocate_host_kv_pool, kv_bytes_per_block
 from neo_jax.model_runner import ModelRunner
-from neo_jax.pipeline_batch import PipelineSchedule
+from neo_jax.pipeline_batch import KvMove, PipelineSchedule
 from neo_jax.sequence import Request
 
 
@@ -70,6 +73,18 @@ def one_token_contexts(chunks: list[ScheduledChunk]) -> list[ScheduledChunk]:
     return twins
 
 
+def swap_moves(gpu_pool: BlockPool, host_pool: BlockPool, num_requests: int, context: int, vocab_size: int,
+               rng: np.random.Generator) -> tuple[list[KvMove], list[KvMove]]:
+    """Swap-outs and swap-ins of `num_requests` requests of `context` tokens, between blocks taken from both pools
+    (the GPU blocks stay taken until freed through each move's request)."""
+    gpu_requests = [chunk.request for chunk in make_chunks(gpu_pool, num_requests, context, 1, vocab_size, rng)]
+    host_tables = [chunk.request.block_table for chunk in make_chunks(host_pool, num_requests, context, 1,
+                                                                     vocab_size, rng)]
+    outs = [KvMove(request, request.block_table, table, context) for request, table in zip(gpu_requests, host_tables)]
+    ins = [KvMove(request, table, request.block_table, context) for request, table in zip(gpu_requests, host_tables)]
+    return outs, ins
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="llama-3-8b")
@@ -80,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--host-prefill-lens", type=int, nargs="*", default=[1024, 2048])
+    parser.add_argument("--swap-requests", type=int, nargs="*", default=[1, 4])
     parser.add_argument("--profile", action="store_true", help="trace the one-request steps (device time per kernel)")
     parser.add_argument("--trace-dir", help="with --profile: keep the traces in DIR/batch1, DIR/share, "
                         "DIR/share_one_token, DIR/gpu_only and DIR/host_prefill")
@@ -96,8 +112,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           max_num_seqs=args.gpu_batch + max_cpu, max_model_len=max_model_len,
                           max_num_batched_tokens=max(EngineConfig.max_num_batched_tokens, max_prefill))
     prefill_blocks = blocks_for(max_prefill, args.block_size)
-    num_gpu_blocks = (args.gpu_batch + max_cpu) * blocks_per_request + prefill_blocks + 1
-    host_pool = allocate_host_kv_pool(model_config, max_cpu * blocks_per_request + prefill_blocks + 1,
+    swap_blocks = max(args.swap_requests, default=0) * blocks_per_request
+    num_gpu_blocks = (args.gpu_batch + max_cpu) * blocks_per_request + prefill_blocks + swap_blocks + 1
+    host_pool = allocate_host_kv_pool(model_config, max_cpu * blocks_per_request + prefill_blocks + swap_blocks + 1,
                                       args.block_size)
     runner = ModelRunner(model_config, params, config, num_gpu_blocks, max_model_len, host_pool)
     eos, rng, layers = model_config.eos_token_ids, np.random.default_rng(0), model_config.num_layers
@@ -182,6 +199,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row["profile_host_prefill"] = profile_step(run_host, trace_dir=trace_dir("host_prefill"))
         results["host_prefill"].append(row)
         print({k: v for k, v in row.items() if not k.startswith("profile")}, flush=True)
+        write_json(args.output_json, results)
+    results["swap"] = []
+    for num_requests in args.swap_requests:
+        outs, ins = swap_moves(gpu_pool, BlockPool("cpu", host_pool.num_blocks, args.block_size), num_requests,
+                               args.context, vocab, rng)
+        moved_bytes = num_requests * blocks_per_request * kv_bytes_per_block(model_config, args.block_size)
+        row = {"swap_requests": num_requests, "moved_bytes": moved_bytes}
+        for direction, moves in (("out", outs), ("in", ins)):
+            schedule = PipelineSchedule(batch0, **{f"swap_{direction}": moves})
+            step_s = seconds_per_call(packed_step(schedule), args.iters)["step_s"]
+            overhead_s = step_s - results["gpu_only"]["step_s"]
+            row.update({f"swap_{direction}_s": step_s, f"swap_{direction}_overhead_ms": overhead_s * 1e3,
+                        f"swap_{direction}_gb_per_s": moved_bytes / overhead_s / 1e9 if overhead_s > 0 else None})
+        for move in outs:
+            gpu_pool.free(move.request)
+        results["swap"].append(row)
+        print(row, flush=True)
         write_json(args.output_json, results)
     return results
 

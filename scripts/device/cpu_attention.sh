@@ -2,7 +2,7 @@
 # On the GPU machine's host: build the package, check that the op loads and runs (the extension alone, after
 # JAX, through the package; a backtrace under cuda-gdb if that crashes), run the cpu_ops tests (the
 # AVX512-BF16/FP16 kernels only run there), then scripts/bench_cpu_attention.py: the full sweep, and short
-# sweeps of the goal cells with huge pages, with the converting AVX-512 kernel, with 512-token chunks and on one
+# sweeps of the goal cells with huge pages, with the converting AVX-512 kernel, with 512- and 2048-token chunks and on one
 # thread.
 # Writes log.txt and the JSON files into $OUT.
 set -uo pipefail
@@ -45,5 +45,6 @@ echo "$smoke" > /tmp/cpu_ops_smoke.py
   bench 25 --isa avx512 "${goal_cells[@]}" --output-json "$OUT/cpu_attention_avx512.json"
   # 1k contexts are one 1024-token chunk each by default; two chunks and a merge with 512 (the default until 9f42652).
   NEO_CPU_CHUNK_TOKENS=512 bench 25 "${goal_cells[@]}" --output-json "$OUT/cpu_attention_chunk512.json"
+  NEO_CPU_CHUNK_TOKENS=2048 bench 25 "${goal_cells[@]}" --output-json "$OUT/cpu_attention_chunk2048.json"
   bench 25 --threads 1 --requests 16 --contexts 1024 8192 --probe-gb 1 --output-json "$OUT/cpu_attention_1_thread.json"
 } 2>&1 | tee "$OUT/log.txt"

@@ -28,8 +28,8 @@ export CMAKE_ARGS=${CMAKE_ARGS:--DCMAKE_CUDA_ARCHITECTURES=90-real}
       tests/neo_jax/test_pipeline.py ${TEST_ARGS:-}
     echo "pipeline tests exit code $?"
   fi
-  if [ "${BENCH_TIMEOUT:-200}" != 0 ]; then
-    timeout "${BENCH_TIMEOUT:-200}" python3 scripts/benchmark_pipeline.py --output-json "$OUT/pipeline.json" \
+  if [ "${BENCH_TIMEOUT:-300}" != 0 ]; then
+    timeout "${BENCH_TIMEOUT:-300}" python3 scripts/benchmark_pipeline.py --output-json "$OUT/pipeline.json" \
       ${BENCH_ARGS:-}
     echo "pipeline benchmark exit code $?"
   fi

@@ -7,14 +7,17 @@ import numpy as np
 from neo_jax.block_manager import BlockPool
 from neo_jax.config import EngineConfig, StepBuckets
 from neo_jax.host_inputs import host_layout
+from neo_jax.kv_cache import kv_bytes_per_block
+from neo_jax.models.config import get_config
 from neo_jax.pipeline_batch import PipelineSchedule, pack_pipeline_step
 
 
-def test_reports_the_handoff_the_overlap_and_host_prefills(load_script, tmp_path):
+def test_reports_the_handoff_the_overlap_host_prefills_and_swaps(load_script, tmp_path):
     output = tmp_path / "pipeline.json"
     results = load_script("benchmark_pipeline").main([
         "--model", "tiny", "--dtype", "float32", "--gpu-batch", "2", "--cpu-batches", "1", "2", "--context", "32",
-        "--block-size", "4", "--iters", "1", "--host-prefill-lens", "16", "--output-json", str(output)])
+        "--block-size", "4", "--iters", "1", "--host-prefill-lens", "16", "--swap-requests", "1", "3",
+        "--output-json", str(output)])
     assert output.exists()
     assert results["gpu_only"]["step_s"] > 0
     assert [row["cpu_batch"] for row in results["pipeline"]] == [1, 2]
@@ -28,6 +31,10 @@ def test_reports_the_handoff_the_overlap_and_host_prefills(load_script, tmp_path
         assert key in results
     (prefill,) = results["host_prefill"]
     assert prefill["prefill_len"] == 16 and min(prefill["gpu_pool_s"], prefill["host_pool_s"]) > 0
+    assert [row["swap_requests"] for row in results["swap"]] == [1, 3]
+    for row in results["swap"]:
+        assert row["moved_bytes"] == row["swap_requests"] * 8 * kv_bytes_per_block(get_config("tiny").with_dtype("float32"), 4)
+        assert min(row["swap_out_s"], row["swap_in_s"]) > 0
 
 
 def test_profile_traces_the_one_request_steps_with_their_host_events(load_script):
