@@ -49,7 +49,10 @@ def policy_color(policy: str) -> str:
     return f"C{policy_sort_key(policy)[0]}"
 
 
-def _bound(run: dict) -> float | None:
+def plotted_bound(run: dict) -> float | None:
+    """The run's bandwidth bound; none for cpu-all, whose bound divides by the GPU-resident KV it hardly reads."""
+    if run["policy"] == "cpu-all":
+        return None
     return run.get("bandwidth_bound", {}).get("bound")
 
 
@@ -72,7 +75,7 @@ def plot_throughput(results: list[dict], path: pathlib.Path) -> pathlib.Path:
             tallest = max(tallest, value)
             ax.bar(x, value, width, color=policy_color(policy), label=None if policy in labeled else policy)
             labeled.add(policy)
-            baseline, bound = runs.get((scenario, BASELINE)), _bound(run)
+            baseline, bound = runs.get((scenario, BASELINE)), plotted_bound(run)
             notes = []
             if baseline is not None:
                 notes.append(f"{value / baseline['output_tokens_per_s']:.2f}x")

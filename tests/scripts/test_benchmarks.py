@@ -133,6 +133,9 @@ def test_plots_from_the_benchmark_json(results, load_script, tmp_path):
     serving = results["serving"]["runs"][0]
     assert not plot_benchmarks.timed_run_compiled(serving)
     assert plot_benchmarks.timed_run_compiled(json.loads((inputs / "neo_serving.json").read_text())["runs"][0])
+    throughput = results["throughput"]
+    assert plot_benchmarks.plotted_bound(throughput) == throughput["bandwidth_bound"]["bound"]
+    assert plot_benchmarks.plotted_bound(dict(throughput, policy="cpu-all")) is None
 
 
 def test_plot_rejects_results_without_scenario(load_script, tmp_path):
