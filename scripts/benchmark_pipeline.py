@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for num_requests in args.swap_requests:
         outs, ins = swap_moves(gpu_pool, BlockPool("cpu", host_pool.num_blocks, args.block_size), num_requests,
                                args.context, vocab, rng)
-        moved_bytes = num_requests * blocks_per_request * kv_bytes_per_block(model_config, args.block_size)
+        moved_bytes = num_requests * args.context * kv_bytes_per_block(model_config, 1)  # K and V rows
         row = {"swap_requests": num_requests, "moved_bytes": moved_bytes}
         for direction, moves in (("out", outs), ("in", ins)):
             schedule = PipelineSchedule(batch0, **{f"swap_{direction}": moves})

@@ -33,7 +33,7 @@ def test_reports_the_handoff_the_overlap_host_prefills_and_swaps(load_script, tm
     assert prefill["prefill_len"] == 16 and min(prefill["gpu_pool_s"], prefill["host_pool_s"]) > 0
     assert [row["swap_requests"] for row in results["swap"]] == [1, 3]
     for row in results["swap"]:
-        assert row["moved_bytes"] == row["swap_requests"] * 8 * kv_bytes_per_block(get_config("tiny").with_dtype("float32"), 4)
+        assert row["moved_bytes"] == row["swap_requests"] * 32 * kv_bytes_per_block(get_config("tiny").with_dtype("float32"), 1)
         assert min(row["swap_out_s"], row["swap_in_s"]) > 0
 
 
