@@ -2,10 +2,11 @@
 
 A step that touches no host memory runs `model_step`; one with host-resident requests, host-bound prefills or
 swaps runs `pipeline_step`. Both return the sampled tokens and the logits they were sampled from
-(`last_logits`, left on the device; tests compare them across policies). `launch` enqueues a step and returns
-at once; `fetch` waits for its tokens. Between the two the engine may launch the next step: its inputs name the
-tokens still on the device by `pending_token` rows, which the program reads from the previous step's tokens
-(`previous_tokens`, a fixed-size device buffer that every step updates, donated like the cache).
+(`last_logits`, left on the device; tests compare them across policies through
+`LaunchedStep.logits_by_request`). `launch` enqueues a step and returns at once; `fetch` waits for its tokens.
+Between the two the engine may launch the next step: its inputs name the tokens still on the device by
+`pending_token` rows, which the program reads from the previous step's tokens (`previous_tokens`, a fixed-size
+device buffer that every step updates, donated like the cache).
 """
 
 from __future__ import annotations
@@ -158,7 +159,6 @@ class ModelRunner:
         if mesh is not None:
             self.previous_tokens = jax.device_put(self.previous_tokens, NamedSharding(mesh, P()))
         self.last_logits: jax.Array | None = None  # float32[R, V] of the latest launched step's sampled rows
-        self._fetched: LaunchedStep | None = None    # the latest fetched step
 
     def run(self, batch: StepBatch, sampling: SamplingBatch) -> jax.Array:
         """Runs one packed step on the device; the sampled tokens int32[R] (not yet fetched)."""
@@ -200,18 +200,8 @@ class ModelRunner:
         return LaunchedStep(step, tokens, self.last_logits, packed - start, time.perf_counter() - packed)
 
     def fetch(self, launched: LaunchedStep) -> np.ndarray:
-        """Waits for a launched step; its sampled tokens int32[R] (row i: `launched.step.sampled_requests[i]`).
-        `last_logits_by_request` then describes this step."""
-        self._fetched = launched
+        """Waits for a launched step; its sampled tokens int32[R] (row i: `launched.step.sampled_requests[i]`)."""
         return np.asarray(launched.tokens)
-
-    def execute(self, schedule: PipelineSchedule | list[ScheduledChunk],
-                eos_token_ids: tuple[int, ...]) -> dict[int, int]:
-        """Computes the step; the sampled next token of each request that samples, by request id."""
-        launched = self.launch(schedule, eos_token_ids)
-        tokens = self.fetch(launched)
-        return {r.request_id: int(tokens[row]) for row, r in enumerate(launched.step.sampled_requests)
-                if r is not None}
 
     def compile(self, steps: Iterable[PackedStep], max_workers: int = 4) -> int:
         """Compiles the programs of `steps` ahead of time, `max_workers` at once (XLA compiles outside the GIL);
@@ -232,7 +222,3 @@ class ModelRunner:
             list(executor.map(compile_program, programs.values()))
         jax.block_until_ready([self.run_packed(step) for step in programs.values()])
         return len(programs)
-
-    def last_logits_by_request(self) -> dict[int, np.ndarray]:
-        """The logits float32[V] each request sampled from in the latest fetched step (copied to the host now)."""
-        return self._fetched.logits_by_request()

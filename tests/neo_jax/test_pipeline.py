@@ -90,8 +90,7 @@ class GpuOnlyMirror:
             shadow.num_computed_tokens = chunk.start
             self.pool.grow(shadow, chunk.start + chunk.num_tokens)
             mirrored.append(ScheduledChunk(shadow, chunk.num_tokens))
-        self.runner.execute(mirrored, self.eos)
-        return self.runner.last_logits_by_request()
+        return self.runner.launch(mirrored, self.eos).logits_by_request()
 
 
 def step_roles(schedule: PipelineSchedule, request_id: int) -> dict[str, object]:
