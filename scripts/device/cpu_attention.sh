@@ -3,12 +3,13 @@
 # JAX, through the package; a backtrace under cuda-gdb if that crashes), run the cpu_ops tests (the
 # AVX512-BF16/FP16 kernels only run there), then scripts/bench_cpu_attention.py: the full sweep, and short
 # sweeps of the goal cells with huge pages, with the converting AVX-512 kernel, with 512- and 2048-token chunks and on one
-# thread.
-# Writes log.txt and the JSON files into $OUT.
+# thread, and of a few long requests with 512- and 1024-token chunks.
+# Writes log.txt and cpu_attention.json (the full sweep) into $OUT, and the short sweeps' JSON packed in
+# $OUT/variants.tar.gz (the device tool returns at most 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/cpu_attention_out}
-mkdir -p "$OUT"
+mkdir -p "$OUT/variants"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 bench() { timeout "$1" python3 scripts/bench_cpu_attention.py "${@:2}"; echo "bench $2 exit code $?"; }
 smoke='import ml_dtypes, numpy as np
@@ -41,10 +42,16 @@ echo "$smoke" > /tmp/cpu_ops_smoke.py
   echo "tests exit code $?"
   bench "${BENCH_TIMEOUT:-120}" --output-json "$OUT/cpu_attention.json"
   goal_cells=(--requests 64 256 --contexts 1024 8192 --seconds-per-cell 0.3)
-  bench 25 --huge-pages "${goal_cells[@]}" --output-json "$OUT/cpu_attention_huge_pages.json"
-  bench 25 --isa avx512 "${goal_cells[@]}" --output-json "$OUT/cpu_attention_avx512.json"
+  bench 25 --huge-pages "${goal_cells[@]}" --output-json "$OUT/variants/huge_pages.json"
+  bench 25 --isa avx512 "${goal_cells[@]}" --output-json "$OUT/variants/avx512.json"
   # 1k contexts are one 1024-token chunk each by default; two chunks and a merge with 512 (the default until 9f42652).
-  NEO_CPU_CHUNK_TOKENS=512 bench 25 "${goal_cells[@]}" --output-json "$OUT/cpu_attention_chunk512.json"
-  NEO_CPU_CHUNK_TOKENS=2048 bench 25 "${goal_cells[@]}" --output-json "$OUT/cpu_attention_chunk2048.json"
-  bench 25 --threads 1 --requests 16 --contexts 1024 8192 --probe-gb 1 --output-json "$OUT/cpu_attention_1_thread.json"
+  NEO_CPU_CHUNK_TOKENS=512 bench 25 "${goal_cells[@]}" --output-json "$OUT/variants/chunk512.json"
+  NEO_CPU_CHUNK_TOKENS=2048 bench 25 "${goal_cells[@]}" --output-json "$OUT/variants/chunk2048.json"
+  # Few long requests, where 1024-token chunks give 16 threads fewer tasks: both lengths in the same run.
+  few_long=(--requests 1 2 4 --contexts 4096 32768 --seconds-per-cell 0.3)
+  for chunk in 512 1024; do
+    NEO_CPU_CHUNK_TOKENS=$chunk bench 40 "${few_long[@]}" --output-json "$OUT/variants/few_long_chunk$chunk.json"
+  done
+  bench 25 --threads 1 --requests 16 --contexts 1024 8192 --probe-gb 1 --output-json "$OUT/variants/1_thread.json"
 } 2>&1 | tee "$OUT/log.txt"
+tar -czf "$OUT/variants.tar.gz" -C "$OUT" variants && rm -r "$OUT/variants"
