@@ -23,7 +23,8 @@ L-token prompt into the GPU pool and the same step with its KV going to the host
 stored there): host_prefill_overhead_us_per_layer is their difference / layers. Per count S of `--swap-requests`,
 batch-0's step with S more requests of `--context` tokens swapped out (GPU pool -> host pool) before its layers, and
 with S swapped in: swap_{out,in}_overhead_ms is the difference to the GPU-only step and swap_{out,in}_gb_per_s the
-K/V bytes moved over that difference (what the engine's swap steps pay per request).
+K/V bytes moved over that difference (what the engine's swap steps pay per request). The swap rows run right after
+the GPU-only step, before the pipeline rows (3-5 programs each to compile), so that a run cut short keeps them.
 JSON goes to stdout and --output-json after every measurement.
 """
 
@@ -131,6 +132,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                "context": args.context, "gpu_batch": args.gpu_batch, "layers": layers,
                                "host_pool_pinned": bool(host_pool.pinned)}
     results["gpu_only"] = seconds_per_call(packed_step(batch0), args.iters)
+    results["swap"] = []
+    for num_requests in args.swap_requests:
+        outs, ins = swap_moves(gpu_pool, BlockPool("cpu", host_pool.num_blocks, args.block_size), num_requests,
+                               args.context, vocab, rng)
+        moved_bytes = num_requests * args.context * kv_bytes_per_block(model_config, 1)  # K and V rows
+        row = {"swap_requests": num_requests, "moved_bytes": moved_bytes}
+        for direction, moves in (("out", outs), ("in", ins)):
+            schedule = PipelineSchedule(batch0, **{f"swap_{direction}": moves})
+            step_s = seconds_per_call(packed_step(schedule), args.iters)["step_s"]
+            overhead_s = step_s - results["gpu_only"]["step_s"]
+            row.update({f"swap_{direction}_s": step_s, f"swap_{direction}_overhead_ms": overhead_s * 1e3,
+                        f"swap_{direction}_gb_per_s": moved_bytes / overhead_s / 1e9 if overhead_s > 0 else None})
+        for move in outs:
+            gpu_pool.free(move.request)
+        results["swap"].append(row)
+        print(row, flush=True)
+        write_json(args.output_json, results)
     results["pipeline"] = []
     for num_cpu in args.cpu_batches:
         host_block_pool = BlockPool("cpu", host_pool.num_blocks, args.block_size)
@@ -199,23 +217,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row["profile_host_prefill"] = profile_step(run_host, trace_dir=trace_dir("host_prefill"))
         results["host_prefill"].append(row)
         print({k: v for k, v in row.items() if not k.startswith("profile")}, flush=True)
-        write_json(args.output_json, results)
-    results["swap"] = []
-    for num_requests in args.swap_requests:
-        outs, ins = swap_moves(gpu_pool, BlockPool("cpu", host_pool.num_blocks, args.block_size), num_requests,
-                               args.context, vocab, rng)
-        moved_bytes = num_requests * args.context * kv_bytes_per_block(model_config, 1)  # K and V rows
-        row = {"swap_requests": num_requests, "moved_bytes": moved_bytes}
-        for direction, moves in (("out", outs), ("in", ins)):
-            schedule = PipelineSchedule(batch0, **{f"swap_{direction}": moves})
-            step_s = seconds_per_call(packed_step(schedule), args.iters)["step_s"]
-            overhead_s = step_s - results["gpu_only"]["step_s"]
-            row.update({f"swap_{direction}_s": step_s, f"swap_{direction}_overhead_ms": overhead_s * 1e3,
-                        f"swap_{direction}_gb_per_s": moved_bytes / overhead_s / 1e9 if overhead_s > 0 else None})
-        for move in outs:
-            gpu_pool.free(move.request)
-        results["swap"].append(row)
-        print(row, flush=True)
         write_json(args.output_json, results)
     return results
 
