@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
@@ -35,6 +35,7 @@ from neo_jax.model_runner import LaunchedStep, ModelRunner
 from neo_jax.models import llama, loading
 from neo_jax.models.config import ModelConfig, get_config
 from neo_jax.sampling_params import SamplingParams
+from neo_jax.pipeline_batch import PipelineSchedule
 from neo_jax.pipeline_scheduler import PipelineScheduler
 from neo_jax.scheduler import Scheduler
 from neo_jax.sequence import Request
@@ -206,12 +207,20 @@ class LLMEngine:
         advance_step(self.scheduler, chunks, launched.step.sampled_requests, self.max_model_len)
         phases.book_s += time.perf_counter() - start
 
-    def compile_ahead(self, requests: Sequence[tuple[Sequence[int], SamplingParams]], max_workers: int = 4) -> int:
+    def compile_ahead(self, requests: Sequence[tuple[Sequence[int], SamplingParams]], max_workers: int = 4,
+                      arrivals: Sequence[float] | None = None, step_seconds: Sequence[float] = (0.0,)) -> int:
         """Compiles, `max_workers` at a time, the step programs that serving `requests` on this idle engine would
         run (the steps of `dry_run` on fresh pools of the engine's sizes), runs each once to load it onto the
-        device, and returns their number."""
-        pool = BlockPool("gpu", self.pool.num_blocks, self.config.block_size)
-        host_pool = self.host_pool and BlockPool("cpu", self.host_pool.num_blocks, self.config.block_size)
-        schedules = dry_run(self._new_scheduler(pool, host_pool), requests, self.eos_token_ids, self.max_model_len)
-        return self.runner.compile([self.runner.pack(schedule, self.eos_token_ids) for schedule in schedules],
+        device, and returns their number. With `arrivals` (seconds, in request order) the requests join as a
+        server's would, and which of them share a step depends on how long the steps take: one dry run per
+        duration in `step_seconds`, the programs of all of them compiled."""
+
+        def schedules() -> Iterator[PipelineSchedule | list[ScheduledChunk]]:
+            for seconds in step_seconds:
+                pool = BlockPool("gpu", self.pool.num_blocks, self.config.block_size)
+                host_pool = self.host_pool and BlockPool("cpu", self.host_pool.num_blocks, self.config.block_size)
+                yield from dry_run(self._new_scheduler(pool, host_pool), requests, self.eos_token_ids,
+                                   self.max_model_len, arrivals, step_seconds=lambda seconds=seconds: seconds)
+
+        return self.runner.compile((self.runner.pack(schedule, self.eos_token_ids) for schedule in schedules()),
                                    max_workers)

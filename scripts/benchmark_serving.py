@@ -11,7 +11,10 @@ shape once (~10 s for llama-3-8b on an H200). A replay's arrival clock stops whi
 its arrivals as a run without compiles does and meets that run's shapes: replays whose clock ran on piled up
 requests behind each compile, met new shapes for it, and still left 2-3 compilations in the timed runs of the
 lower rates after three replays on the H200 at 7fea9ce. The JSON's `warmup_replays` and `step_compilations`
-say how it went.
+say how it went. `--warmup compile` first compiles, `--compile-workers` at a time, the programs of dry runs of
+the rate's arrivals (`LLMEngine.compile_ahead`), one per guess of a step's duration in `--warmup-step-ms`
+(which requests share a step depends on it), so that the replays, one at a time, meet few new shapes: on a fresh
+H200 the replays alone compiled for over 200 s in (b) at 16 req/s (9d4d8ba).
 """
 
 from __future__ import annotations
@@ -75,6 +78,16 @@ def warm_up(engine: LLMEngine, prompts: list[list[int]], output_lens: list[int],
     return replay
 
 
+def compile_ahead(engine: LLMEngine, prompts: list[list[int]], output_lens: list[int], arrivals: np.ndarray,
+                  step_ms: list[float], max_workers: int) -> int:
+    """Compiles the step programs of dry runs of the arrivals, one per step duration in `step_ms`; their number."""
+    start = time.perf_counter()
+    requests = [(prompt, greedy(n)) for prompt, n in zip(prompts, output_lens)]
+    num_programs = engine.compile_ahead(requests, max_workers, list(arrivals), [ms / 1000 for ms in step_ms])
+    print(f"compiled {num_programs} step programs in {time.perf_counter() - start:.1f} s")
+    return num_programs
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_arguments(parser)
@@ -83,6 +96,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="requests per second; several values make a sweep; inf sends all at once")
     parser.add_argument("--warmup-replays", type=int, default=3,
                         help="most untimed replays of each rate before its timed run (>= 1)")
+    parser.add_argument("--warmup", choices=("replay", "compile"), default="replay",
+                        help="replay each rate untimed, or first compile its dry runs' programs, then replay")
+    parser.add_argument("--warmup-step-ms", type=float, nargs="+", default=[5.0, 10.0, 20.0, 40.0],
+                        help="with --warmup compile: step durations to dry-run the arrivals at")
+    parser.add_argument("--compile-workers", type=int, default=4, help="with --warmup compile: XLA compiles at once")
     args = parser.parse_args(argv)
     if args.warmup_replays < 1:
         parser.error(f"--warmup-replays: must be >= 1, got {args.warmup_replays}")
@@ -96,9 +114,13 @@ def main(argv: list[str] | None = None) -> None:
                "machine": machine_info(), "args": vars(args), **pool_sizes(engine), "runs": runs}
     for rate in args.request_rate:
         arrivals = poisson_arrivals(args.num_prompts, rate, np.random.default_rng(args.seed))
+        compiled = {}
+        if args.warmup == "compile":
+            compiled["compiled_ahead"] = compile_ahead(engine, prompts, output_lens, arrivals, args.warmup_step_ms,
+                                                       args.compile_workers)
         replays = warm_up(engine, prompts, output_lens, arrivals, args.warmup_replays)
         traces, duration, meter = serve(engine, prompts, output_lens, arrivals)
-        runs.append({"request_rate": rate, "warmup_replays": replays, **summarize(traces, duration),
+        runs.append({"request_rate": rate, **compiled, "warmup_replays": replays, **summarize(traces, duration),
                      "bandwidth_bound": meter.bound(host_gb_per_s)})
         print(f"{args.policy} rate {rate}: {runs[-1]['request_throughput']:.2f} req/s, "
               f"{runs[-1]['output_throughput']:.1f} output tokens/s, "

@@ -11,8 +11,10 @@
 # machine reuse the programs, and WARMUP=compile makes the throughput runs compile their programs in parallel
 # (COMPILE_WORKERS at once, default 4) instead of replaying the workload untimed (benchmark_throughput.py --warmup).
 # EXTRA_ARGS adds options to every run and RESULTS (default benchmarks/results) says where their JSON goes.
-# A serving sweep replays each rate untimed (up to 3 times, until a replay compiles nothing) before timing it:
-# give it a call of its own per policy (POLICIES=neo, then POLICIES=gpu-only) if both do not fit.
+# A serving sweep replays each rate untimed (up to 3 times, until a replay compiles nothing) before timing it;
+# with WARMUP=compile it first compiles, in parallel, the programs of dry runs of each rate's arrivals
+# (benchmark_serving.py --warmup compile), so the replays meet few new shapes. Give a sweep a call of its own per
+# policy (POLICIES=neo, then POLICIES=gpu-only) if both do not fit.
 # Every step runs under `timeout`, bounded by what is left of BUDGET_S (default 570 s, for a 10-minute call);
 # a step that no longer fits is skipped and logged. Results go to benchmarks/results/ (JSON, as they come) and
 # benchmarks/cost_tables/ (profiled tables, reused when present) in the tree; after every step the files this
@@ -96,6 +98,7 @@ run() {
     [[ $policy != gpu-only ]] && offload=(--cpu-kv-cache-gb 16)
     step 540 "($id) serving $policy" python3 scripts/benchmark_serving.py "${common[@]}" "${engine_args[@]}" \
       "${offload[@]}" --policy "$policy" --num-prompts "$serving_prompts" --request-rate "${rate_args[@]}" \
+      --warmup "${WARMUP:-replay}" --compile-workers "${COMPILE_WORKERS:-4}" \
       --output-json "$RESULTS/${id}_${policy}_serving.json"
   done
 }

@@ -68,6 +68,24 @@ def test_tokens_that_end_requests_make_later_steps_compile_instead():
     assert all(1 <= len(tokens) <= 8 for tokens in outputs)
 
 
+def run_one_at_a_time(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]]) -> None:
+    for request in requests:
+        run(engine, [request])
+
+
+@pytest.mark.parametrize("with_arrivals", [True, False])
+def test_compile_ahead_of_a_serving_load_covers_its_steps(with_arrivals):
+    """Requests that arrive one by one run in steps of their own, which a dry run of them all queued at once never
+    schedules: compiled ahead with their arrivals the load compiles nothing more, without them it does."""
+    engine = LLMEngine(EngineConfig("tiny", **{**OPTIONS, "num_gpu_blocks": 22 if with_arrivals else 23}))
+    requests = workload()
+    arrivals = [1000.0 * i for i in range(len(requests))] if with_arrivals else None
+    engine.compile_ahead(requests, max_workers=2, arrivals=arrivals, step_seconds=(0.0, 1.0))
+    compiled = num_step_compilations()
+    run_one_at_a_time(engine, requests)
+    assert (num_step_compilations() == compiled) == with_arrivals
+
+
 def test_a_step_reports_its_host_time_by_phase():
     engine = LLMEngine(EngineConfig("tiny", **OPTIONS))
     for prompt, params in workload()[:2]:

@@ -107,6 +107,15 @@ def test_a_warm_up_replay_stops_its_clock_while_a_step_compiles(load_script, mon
     assert (first_token_s < 0.5) if pause_for_compiles else (first_token_s >= 0.5)
 
 
+def test_serving_compiles_its_dry_runs_ahead(load_script, tmp_path):
+    output = tmp_path / "serving.json"
+    load_script("benchmark_serving").main(ENGINE_ARGS + ["--request-rate", "50", "--warmup", "compile",
+                                                         "--warmup-step-ms", "1", "20", "--output-json", str(output)])
+    (run,) = json.loads(output.read_text())["runs"]
+    assert run["compiled_ahead"] >= 2 and run["completed"] == 2  # a prefill and a decode program at least
+    assert 1 <= run["warmup_replays"] <= 3 and run["bandwidth_bound"]["step_compilations"] == 0
+
+
 def test_serving_needs_a_warmup_replay(load_script, capsys):
     with pytest.raises(SystemExit):
         load_script("benchmark_serving").main(ENGINE_ARGS + ["--warmup-replays", "0"])
