@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -98,6 +99,16 @@ def host_read_gb_per_s(probe_mb: int) -> float:
 def greedy(output_len: int) -> SamplingParams:
     """The benchmarks' requests: greedy, exactly `output_len` tokens (EOS ignored), so runs are reproducible."""
     return SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+
+
+def compile_ahead(engine: LLMEngine, prompts: list[list[int]], output_lens: list[int], max_workers: int,
+                  arrivals: Sequence[float] | None = None, step_seconds: Sequence[float] = (0.0,)) -> int:
+    """`LLMEngine.compile_ahead` over the benchmark's greedy requests, timed on stdout; the number of programs."""
+    start = time.perf_counter()
+    requests = [(prompt, greedy(n)) for prompt, n in zip(prompts, output_lens)]
+    num_programs = engine.compile_ahead(requests, max_workers, arrivals, step_seconds)
+    print(f"compiled {num_programs} step programs in {time.perf_counter() - start:.1f} s")
+    return num_programs
 
 
 def step_kind(moves_kv: bool, pipelined: bool) -> str:

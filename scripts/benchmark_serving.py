@@ -26,8 +26,8 @@ import numpy as np
 from tqdm import tqdm
 
 from bench_common import (
-    StepMeter, Workload, add_engine_arguments, add_workload_arguments, engine_from_args, format_step, greedy,
-    host_read_gb_per_s, machine_info, pool_sizes, scenario_name, write_json,
+    StepMeter, Workload, add_engine_arguments, add_workload_arguments, compile_ahead, engine_from_args,
+    format_step, greedy, host_read_gb_per_s, machine_info, pool_sizes, scenario_name, write_json,
 )
 from neo_jax.benchmark_metrics import RequestTrace, format_bound, poisson_arrivals, summarize
 from neo_jax.engine import LLMEngine
@@ -78,16 +78,6 @@ def warm_up(engine: LLMEngine, prompts: list[list[int]], output_lens: list[int],
     return replay
 
 
-def compile_ahead(engine: LLMEngine, prompts: list[list[int]], output_lens: list[int], arrivals: np.ndarray,
-                  step_ms: list[float], max_workers: int) -> int:
-    """Compiles the step programs of dry runs of the arrivals, one per step duration in `step_ms`; their number."""
-    start = time.perf_counter()
-    requests = [(prompt, greedy(n)) for prompt, n in zip(prompts, output_lens)]
-    num_programs = engine.compile_ahead(requests, max_workers, list(arrivals), [ms / 1000 for ms in step_ms])
-    print(f"compiled {num_programs} step programs in {time.perf_counter() - start:.1f} s")
-    return num_programs
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_arguments(parser)
@@ -116,8 +106,8 @@ def main(argv: list[str] | None = None) -> None:
         arrivals = poisson_arrivals(args.num_prompts, rate, np.random.default_rng(args.seed))
         compiled = {}
         if args.warmup == "compile":
-            compiled["compiled_ahead"] = compile_ahead(engine, prompts, output_lens, arrivals, args.warmup_step_ms,
-                                                       args.compile_workers)
+            compiled["compiled_ahead"] = compile_ahead(engine, prompts, output_lens, args.compile_workers,
+                                                       list(arrivals), [ms / 1000 for ms in args.warmup_step_ms])
         replays = warm_up(engine, prompts, output_lens, arrivals, args.warmup_replays)
         traces, duration, meter = serve(engine, prompts, output_lens, arrivals)
         runs.append({"request_rate": rate, **compiled, "warmup_replays": replays, **summarize(traces, duration),

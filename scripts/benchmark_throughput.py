@@ -20,8 +20,8 @@ import time
 from tqdm import tqdm
 
 from bench_common import (
-    StepMeter, Workload, add_engine_arguments, add_workload_arguments, engine_from_args, format_step, greedy,
-    host_read_gb_per_s, machine_info, pool_sizes, scenario_name, write_json,
+    StepMeter, Workload, add_engine_arguments, add_workload_arguments, compile_ahead, engine_from_args,
+    format_step, greedy, host_read_gb_per_s, machine_info, pool_sizes, scenario_name, write_json,
 )
 from neo_jax.benchmark_metrics import format_bound
 from neo_jax.engine import LLMEngine
@@ -55,10 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     workload = Workload.from_args(args, engine.model_config.vocab_size)
     prompts, input_lens, output_lens = workload.prompts, workload.input_lens, workload.output_lens
     if args.warmup == "compile":
-        requests = [(prompt, greedy(n)) for prompt, n in zip(prompts, output_lens)]
-        start = time.perf_counter()
-        num_programs = engine.compile_ahead(requests, args.compile_workers)
-        print(f"compiled {num_programs} step programs in {time.perf_counter() - start:.1f} s")
+        compile_ahead(engine, prompts, output_lens, args.compile_workers)
     else:
         warmup_lens = output_lens if args.warmup_output_len is None else [min(n, args.warmup_output_len)
                                                                            for n in output_lens]
