@@ -103,8 +103,9 @@ void merge_chunks(const MergeTask& merge, const float* partials, const PagedKvCa
 }  // namespace
 
 // Long enough that merging and dispatch cost little next to reading a chunk's K/V, short enough that one
-// request of a few thousand tokens spreads over every core. On the H200 host 1024 read 6-30% faster than 512
-// in every goal cell of issue 4 (64 and 256 requests x 1k and 8k, 9f42652): a 1k context is one task, no merge.
+// request of a few thousand tokens spreads over every core. A 1k context is then one task, no merge: on the
+// H200 host 1024 read 6-30% faster than 512 in issue 4's goal cells at 9f42652, 10-12% at 256 requests and
+// level at 64 at 9d4d8ba (benchmarks/results/cpu_attention_h200_host.md).
 int64_t chunk_target_tokens() {
   static const int64_t tokens = env_int("NEO_CPU_CHUNK_TOKENS", 1024);
   return tokens;
