@@ -1,0 +1,148 @@
+"""The parts of a swap between the GPU and host KV pools, timed apart (scripts/benchmark_pipeline.py's swap rows
+time only their sum inside a step).
+
+Per count S of `--requests`, the K and V rows of S requests of `--context` tokens of `--model` (every layer, the
+rows a swap moves) go through:
+  store_s          a jitted host_kv_store of the rows (device -> host pool), in calls of at most --call-mb each,
+                   until its token is fetched: what XLA's stream waits for;
+  store_synced_s   the same until synchronize() returns: the host has also scattered the rows into the pool;
+  store_repeated_s mean of back-to-back stores, each fetched but none synchronized (as consecutive swap steps);
+  load_s           a jitted host_kv_load of the rows (host pool -> device) until they are fetched;
+  append_kv_s      the host's scatter alone: append_kv of the rows (already in host memory) into the pool's
+                   NumPy views, on the op's threads.
+Each as the mean of `--iters` calls after one that compiles, with GB/s of K/V moved. On a GPU the stores and
+loads go through the CUDA handoff; on the CPU backend through its synchronous handlers.
+
+    python scripts/benchmark_swap.py --model llama-3-8b --requests 1 4 --call-mb 16 256 --output-json swap.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench_common import machine_info, write_json
+from neo_jax.cpu_ops import append_kv, num_threads
+from neo_jax.cpu_ops.handoff import host_kv_load, host_kv_store, synchronize, token_after
+from neo_jax.kv_cache import allocate_host_kv_pool
+from neo_jax.models.config import get_config
+
+
+def mean_seconds(run: Callable[[], Any], iters: int) -> float:
+    run()
+    start = time.perf_counter()
+    for _ in range(iters):
+        run()
+    return (time.perf_counter() - start) / iters
+
+
+def layer_groups(num_layers: int, rows_per_layer: int, row_bytes: int, call_bytes: int) -> list[range]:
+    per_call = max(1, min(num_layers, call_bytes // max(1, rows_per_layer * row_bytes)))
+    return [range(first, min(first + per_call, num_layers)) for first in range(0, num_layers, per_call)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama-3-8b")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--requests", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--call-mb", type=int, nargs="+", default=[16, 256],
+                        help="K and V bytes per store or load call (MiB)")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--output-json")
+    args = parser.parse_args(argv)
+
+    config = get_config(args.model).with_dtype(args.dtype)
+    num_layers, heads, head_dim = config.num_layers, config.num_kv_heads, config.head_dim
+    blocks = max(args.requests) * -(-args.context // args.block_size)
+    pool = allocate_host_kv_pool(config, blocks, args.block_size)
+    dtype = pool.dtype
+    row_bytes = 2 * heads * head_dim * dtype.itemsize  # K and V of one slot of one layer
+    results: dict[str, Any] = {"machine": machine_info(), "model": args.model, "context": args.context,
+                               "host_pool_pinned": bool(pool.pinned), "threads": num_threads(), "rows": []}
+    rng = np.random.default_rng(0)
+    for num_requests in args.requests:
+        slots = rng.permutation(num_requests * args.context).astype(np.int32)  # one layer's rows, shuffled
+        moved_bytes = num_layers * slots.size * row_bytes
+        k_host = rng.standard_normal((num_layers, slots.size, heads, head_dim)).astype(dtype)
+        v_host = rng.standard_normal((num_layers, slots.size, heads, head_dim)).astype(dtype)
+        k_rows, v_rows = jnp.asarray(k_host), jnp.asarray(v_host)
+        slots_device = jnp.asarray(slots)
+
+        def append_all() -> None:
+            for layer in range(num_layers):
+                append_kv(pool.k_cache[layer], pool.v_cache[layer], k_host[layer], v_host[layer], slots)
+
+        row: dict[str, Any] = {"requests": num_requests, "moved_bytes": moved_bytes,
+                               "append_kv_s": mean_seconds(append_all, args.iters)}
+        for call_mb in args.call_mb:
+            groups = layer_groups(num_layers, slots.size, row_bytes, call_mb << 20)
+
+            def rows_of(layers: range) -> tuple[jax.Array, jax.Array]:
+                return (jnp.repeat(jnp.arange(layers.start, layers.stop, dtype=jnp.int32), slots.size),
+                        jnp.tile(slots_device, len(layers)))
+
+            @jax.jit
+            def store(k: jax.Array, v: jax.Array) -> jax.Array:
+                done = jnp.zeros((), jnp.int32)
+                for layers in groups:
+                    layer, slot = rows_of(layers)
+                    shape = (-1, heads, head_dim)
+                    done = done + host_kv_store(pool, k[layers.start:layers.stop].reshape(shape),
+                                                v[layers.start:layers.stop].reshape(shape), layer, slot)
+                return done
+
+            @jax.jit
+            def load() -> jax.Array:
+                done = jnp.zeros((), jnp.int32)
+                for layers in groups:
+                    layer, slot = rows_of(layers)
+                    k, v = host_kv_load(pool, layer, slot)
+                    done = done + token_after(k) + token_after(v)
+                return done
+
+            def store_synced() -> None:
+                np.asarray(store(k_rows, v_rows))
+                synchronize()
+
+            def load_synced() -> None:
+                synchronize()
+                np.asarray(load())
+
+            cell = {"call_mb": call_mb, "calls": len(groups)}
+            cell.update(store_s=timed_fetch(store_synced, lambda: store(k_rows, v_rows), args.iters),
+                        store_synced_s=mean_seconds(store_synced, args.iters),
+                        store_repeated_s=mean_seconds(lambda: np.asarray(store(k_rows, v_rows)), args.iters),
+                        load_s=timed_fetch(load_synced, load, args.iters))
+            synchronize()
+            for key in ("store_s", "store_synced_s", "store_repeated_s", "load_s"):
+                cell[key[:-len("_s")] + "_gb_per_s"] = moved_bytes / cell[key] / 1e9
+            row.setdefault("calls", []).append(cell)
+        row["append_kv_gb_per_s"] = moved_bytes / row["append_kv_s"] / 1e9
+        print(row, flush=True)
+        results["rows"].append(row)
+        write_json(args.output_json, results)
+
+
+def timed_fetch(settle: Callable[[], None], call: Callable[[], jax.Array], iters: int) -> float:
+    """Mean seconds of `call` until its result is fetched, each started after `settle` (untimed) left the
+    handoff idle."""
+    settle()
+    total = 0.0
+    for _ in range(iters):
+        synchronize()
+        start = time.perf_counter()
+        np.asarray(call())
+        total += time.perf_counter() - start
+    return total / iters
+
+
+if __name__ == "__main__":
+    main()
