@@ -51,6 +51,10 @@ _POOL_DTYPES = {
     np.dtype(ml_dtypes.bfloat16): "bfloat16",
 }
 
+# A host_kv_store whose operands fit this many bytes is staged on the GPU: XLA's stream does not wait for the rows'
+# copy to the host (larger stores make it wait). The rows, their indices and alignment count.
+HANDOFF_DEVICE_STAGING_BYTES: int = _C.HANDOFF_DEVICE_STAGING_BYTES
+
 _ATTENTION_START = "neo_cpu_attention_start"
 _ATTENTION_WAIT = "neo_cpu_attention_wait"
 _KV_STORE = "neo_host_kv_store"

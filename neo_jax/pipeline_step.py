@@ -38,7 +38,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from neo_jax.attention import attend_context, decode_attention, read_slots, write_kv
-from neo_jax.cpu_ops.handoff import HostKvPool, PendingAttention, host_kv_load, host_kv_store, token_after
+from neo_jax.cpu_ops.handoff import (HANDOFF_DEVICE_STAGING_BYTES, HostKvPool, PendingAttention, host_kv_load,
+                                     host_kv_store, token_after)
 from neo_jax.kv_cache import KVCache
 from neo_jax.models import llama
 from neo_jax.models.config import ModelConfig
@@ -50,15 +51,19 @@ from neo_jax.sharding import HEADS_SPEC, KV_BLOCKS_SPEC, TP_AXIS, shard_over_hea
 
 # What must be computed before a wait, with its layout over the tensor-parallel mesh.
 Dependency = tuple[jax.Array, P]
-SWAP_CALL_BYTES = 256 << 20  # K and V rows one swap store or load moves at most: device and pinned staging memory
+SWAP_LOAD_BYTES = 256 << 20  # K and V rows one swap-in load moves at most: pinned staging memory
+# A swap-out store's rows, with their layer and slot indices (each operand 256-byte aligned), fit the device staging
+# of the CUDA handoff, so that XLA's stream goes on while they are copied to the host.
+SWAP_STORE_BYTES = HANDOFF_DEVICE_STAGING_BYTES - 4 * 256
 
 
 def swap_kv(pool: HostKvPool, k_blocks: jax.Array, v_blocks: jax.Array, batch: PipelineBatch,
             pool_layers: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Copies the step's swap-outs (GPU -> host) and swap-ins (host -> GPU) of every layer, as many layers per store
-    and per load as SWAP_CALL_BYTES allows (each call is a host round trip; with one per layer, swap steps of
-    llama-3-8b took 35 ms on the H200 against 9 ms for its GPU-only steps); per shard, with pool_layers
-    int32[L, 1] the shard's pool layer of each model layer.
+    """Copies the step's swap-outs (GPU -> host) and swap-ins (host -> GPU) of every layer, many layers' rows per call
+    (each load is a host round trip; with one per layer, swap steps of llama-3-8b took 35 ms on the H200 against
+    9 ms for its GPU-only steps): stores of up to SWAP_STORE_BYTES, which XLA's stream does not wait for (its
+    larger stores waited for their copy to the host, 3.5 ms per 134 MB request), loads of up to SWAP_LOAD_BYTES.
+    Per shard, with pool_layers int32[L, 1] the shard's pool layer of each model layer.
 
     Returns the caches and a token int32[1] that follows every store and load: the step's other host-pool writes
     take it, since a swap-in's host blocks are free for them once the step is planned."""
@@ -66,28 +71,25 @@ def swap_kv(pool: HostKvPool, k_blocks: jax.Array, v_blocks: jax.Array, batch: P
     num_blocks = k_blocks.shape[0] // num_layers
     row_bytes = 2 * k_blocks.shape[1] * k_blocks.shape[3] * k_blocks.dtype.itemsize  # K and V of one slot
 
-    def layer_groups(rows: int) -> list[range]:
-        if rows == 0:
-            return []
-        per_call = max(1, min(num_layers, SWAP_CALL_BYTES // max(1, rows * row_bytes)))
-        return [range(first, min(first + per_call, num_layers)) for first in range(0, num_layers, per_call)]
+    def every_layer(gpu_slots: jax.Array, host_slots: jax.Array) -> tuple[jax.Array, ...]:
+        """[m] slots -> [L * m] layer-major rows: GPU slots, their layers' block offsets, host slots, pool layers."""
+        rows, layers = gpu_slots.shape[0], jnp.arange(num_layers, dtype=jnp.int32)
+        return (jnp.tile(gpu_slots, num_layers), jnp.repeat(layers * num_blocks, rows),
+                jnp.tile(host_slots, num_layers), jnp.repeat(pool_layers[:, 0], rows))
 
-    def group_rows(layers: range, gpu_slots: jax.Array, host_slots: jax.Array) -> tuple[jax.Array, ...]:
-        """[m] slots -> [len(layers) * m] layer-major rows: GPU slots, their layers' block offsets, host slots,
-        pool layers."""
-        rows, group = gpu_slots.shape[0], jnp.arange(layers.start, layers.stop, dtype=jnp.int32)
-        return (jnp.tile(gpu_slots, len(layers)), jnp.repeat(group * num_blocks, rows),
-                jnp.tile(host_slots, len(layers)), jnp.repeat(pool_layers[layers.start:layers.stop, 0], rows))
+    def calls(gpu_slots: jax.Array, host_slots: jax.Array, call_bytes: int) -> list[tuple[jax.Array, ...]]:
+        """every_layer's rows in pieces of at most `call_bytes` of K, V and their two int32 indices."""
+        rows = every_layer(gpu_slots, host_slots)
+        total, per_call = rows[0].shape[0], max(1, call_bytes // (row_bytes + 8))
+        return [tuple(index[first:first + per_call] for index in rows) for first in range(0, total, per_call)]
 
     done = jnp.zeros((), jnp.int32)
-    for layers in layer_groups(batch.swap_out_gpu_slots.shape[0]):
-        gpu_slots, block_offsets, host_slots, pool_layer = group_rows(layers, batch.swap_out_gpu_slots,
-                                                                      batch.swap_out_host_slots)
+    for gpu_slots, block_offsets, host_slots, pool_layer in calls(batch.swap_out_gpu_slots,
+                                                                  batch.swap_out_host_slots, SWAP_STORE_BYTES):
         k_rows, v_rows = read_slots(k_blocks, v_blocks, gpu_slots, block_offsets)
         done = done + host_kv_store(pool, k_rows, v_rows, pool_layer, host_slots)
-    for layers in layer_groups(batch.swap_in_gpu_slots.shape[0]):
-        gpu_slots, block_offsets, host_slots, pool_layer = group_rows(layers, batch.swap_in_gpu_slots,
-                                                                      batch.swap_in_host_slots)
+    for gpu_slots, block_offsets, host_slots, pool_layer in calls(batch.swap_in_gpu_slots,
+                                                                  batch.swap_in_host_slots, SWAP_LOAD_BYTES):
         k_rows, v_rows = host_kv_load(pool, pool_layer, host_slots, dep=done)
         done = done + token_after(k_rows)
         k_blocks, v_blocks = write_kv(k_blocks, v_blocks, k_rows, v_rows, gpu_slots, block_offsets)

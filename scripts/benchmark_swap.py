@@ -7,6 +7,7 @@ rows a swap moves) go through:
                    until its token is fetched: what XLA's stream waits for;
   store_synced_s   the same until synchronize() returns: the host has also scattered the rows into the pool;
   store_repeated_s mean of back-to-back stores, each fetched but none synchronized (as consecutive swap steps);
+                   after them, stored_rows_match says whether the pool holds the rows (first and last layer);
   load_s           a jitted host_kv_load of the rows (host pool -> device) until they are fetched;
   append_kv_s      the host's scatter alone: append_kv of the rows (already in host memory) into the pool's
                    NumPy views, on the op's threads.
@@ -28,7 +29,7 @@ import numpy as np
 
 from bench_common import machine_info, write_json
 from neo_jax.cpu_ops import append_kv, num_threads
-from neo_jax.cpu_ops.handoff import host_kv_load, host_kv_store, synchronize, token_after
+from neo_jax.cpu_ops.handoff import HostKvPool, host_kv_load, host_kv_store, synchronize, token_after
 from neo_jax.kv_cache import allocate_host_kv_pool
 from neo_jax.models.config import get_config
 
@@ -41,9 +42,11 @@ def mean_seconds(run: Callable[[], Any], iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def layer_groups(num_layers: int, rows_per_layer: int, row_bytes: int, call_bytes: int) -> list[range]:
-    per_call = max(1, min(num_layers, call_bytes // max(1, rows_per_layer * row_bytes)))
-    return [range(first, min(first + per_call, num_layers)) for first in range(0, num_layers, per_call)]
+def row_calls(total_rows: int, row_bytes: int, call_bytes: int) -> list[slice]:
+    """Pieces of `total_rows` rows of `row_bytes` (K and V) whose operands, with their two int32 indices and each
+    operand's 256-byte alignment, fit `call_bytes`, as the engine's swaps split them (neo_jax/pipeline_step.py)."""
+    per_call = max(1, (call_bytes - 4 * 256) // (row_bytes + 8))
+    return [slice(first, min(first + per_call, total_rows)) for first in range(0, total_rows, per_call)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,29 +85,24 @@ def main(argv: list[str] | None = None) -> None:
 
         row: dict[str, Any] = {"requests": num_requests, "moved_bytes": moved_bytes,
                                "append_kv_s": mean_seconds(append_all, args.iters)}
+        layers = jnp.repeat(jnp.arange(num_layers, dtype=jnp.int32), slots.size)  # every layer's rows
+        layer_slots = jnp.tile(slots_device, num_layers)
         for call_mb in args.call_mb:
-            groups = layer_groups(num_layers, slots.size, row_bytes, call_mb << 20)
-
-            def rows_of(layers: range) -> tuple[jax.Array, jax.Array]:
-                return (jnp.repeat(jnp.arange(layers.start, layers.stop, dtype=jnp.int32), slots.size),
-                        jnp.tile(slots_device, len(layers)))
+            pieces = row_calls(num_layers * slots.size, row_bytes, call_mb << 20)
 
             @jax.jit
             def store(k: jax.Array, v: jax.Array) -> jax.Array:
+                k, v = k.reshape(-1, heads, head_dim), v.reshape(-1, heads, head_dim)
                 done = jnp.zeros((), jnp.int32)
-                for layers in groups:
-                    layer, slot = rows_of(layers)
-                    shape = (-1, heads, head_dim)
-                    done = done + host_kv_store(pool, k[layers.start:layers.stop].reshape(shape),
-                                                v[layers.start:layers.stop].reshape(shape), layer, slot)
+                for piece in pieces:
+                    done = done + host_kv_store(pool, k[piece], v[piece], layers[piece], layer_slots[piece])
                 return done
 
             @jax.jit
             def load() -> jax.Array:
                 done = jnp.zeros((), jnp.int32)
-                for layers in groups:
-                    layer, slot = rows_of(layers)
-                    k, v = host_kv_load(pool, layer, slot)
+                for piece in pieces:
+                    k, v = host_kv_load(pool, layers[piece], layer_slots[piece])
                     done = done + token_after(k) + token_after(v)
                 return done
 
@@ -116,12 +114,17 @@ def main(argv: list[str] | None = None) -> None:
                 synchronize()
                 np.asarray(load())
 
-            cell = {"call_mb": call_mb, "calls": len(groups)}
-            cell.update(store_s=timed_fetch(store_synced, lambda: store(k_rows, v_rows), args.iters),
-                        store_synced_s=mean_seconds(store_synced, args.iters),
-                        store_repeated_s=mean_seconds(lambda: np.asarray(store(k_rows, v_rows)), args.iters),
-                        load_s=timed_fetch(load_synced, load, args.iters))
+            checked_layers = (0, num_layers - 1)
+            cell = {"call_mb": call_mb, "calls": len(pieces),
+                    "store_s": timed_fetch(store_synced, lambda: store(k_rows, v_rows), args.iters),
+                    "store_synced_s": mean_seconds(store_synced, args.iters)}
+            for layer in checked_layers:
+                pool.k_cache[layer][...], pool.v_cache[layer][...] = 0, 0
+            cell["store_repeated_s"] = mean_seconds(lambda: np.asarray(store(k_rows, v_rows)), args.iters)
             synchronize()
+            cell["stored_rows_match"] = all(stored_rows_match(pool, layer, slots, k_host[layer], v_host[layer])
+                                            for layer in checked_layers)
+            cell["load_s"] = timed_fetch(load_synced, load, args.iters)
             for key in ("store_s", "store_synced_s", "store_repeated_s", "load_s"):
                 cell[key[:-len("_s")] + "_gb_per_s"] = moved_bytes / cell[key] / 1e9
             row.setdefault("calls", []).append(cell)
@@ -129,6 +132,14 @@ def main(argv: list[str] | None = None) -> None:
         print(row, flush=True)
         results["rows"].append(row)
         write_json(args.output_json, results)
+
+
+def stored_rows_match(pool: HostKvPool, layer: int, slots: np.ndarray, k_rows: np.ndarray,
+                      v_rows: np.ndarray) -> bool:
+    """Whether the pool's `layer` holds k_rows / v_rows [m, kv_heads, head_dim] at `slots`."""
+    blocks, offsets = slots // pool.block_size, slots % pool.block_size
+    return bool(np.array_equal(pool.k_cache[layer][blocks, :, offsets], k_rows)
+                and np.array_equal(pool.v_cache[layer][blocks, :, offsets], v_rows))
 
 
 def timed_fetch(settle: Callable[[], None], call: Callable[[], jax.Array], iters: int) -> float:

@@ -81,6 +81,7 @@ void register_handoff(py::module_& m) {
   m.def("handoff_handlers", &handlers,
         "{target name: {platform: FFI handler capsule}}; CUDA handlers only when libcuda loads.");
   m.def("cuda_driver_status", &cuda_driver_status);
+  m.attr("HANDOFF_DEVICE_STAGING_BYTES") = kMaxDeviceStagingBytes;
   m.def(
       "handoff_synchronize",
       [](double timeout_s) {

@@ -1,15 +1,19 @@
 #include "handoff_cuda.h"
 
+#include <chrono>
 #include <cstring>
 #include <stdexcept>
+#include <thread>
 
 namespace neo {
 namespace {
 
-// A store's rows up to this size are staged on the device, so that XLA's stream need not wait for their copy to
-// the host (a 2048-token prefill of llama-3-8b stores 8 MB per layer); larger ones (swaps of many requests) are
-// copied straight to pinned memory while XLA's stream waits, sparing device memory outside XLA's pool.
-constexpr size_t kMaxDeviceStagingBytes = size_t{16} << 20;
+// Staging held by calls the CPU has not finished, host and device together, past which a new call waits for the
+// oldest to retire instead of allocating more: when stores come faster than the CPU scatters them (back-to-back
+// swap steps), every call used to pin fresh memory, and cuMemHostAlloc of a 256 MB buffer took longer (~30 ms on
+// the H200) than the scatter it waited for.
+constexpr size_t kMaxStagingInFlightBytes = size_t{512} << 20;
+constexpr double kStagingWaitTimeoutS = 60.0;
 
 std::vector<CudaHandoff*> instances;  // one per CUDA context, each lives until exit
 std::mutex instance_mutex;
@@ -93,8 +97,25 @@ void CudaHandoff::retire_finished() {
   }
 }
 
+void CudaHandoff::wait_for_staging(size_t bytes) {
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(kStagingWaitTimeoutS);
+  for (;;) {
+    retire_finished();
+    size_t held = 0;  // a start whose wait XLA has not enqueued yet cannot retire before this call returns
+    for (const std::shared_ptr<Call>& call : in_flight_)
+      if (!call->awaiting_wait) held += call->staging.host_bytes + call->staging.device_bytes;
+    if (held == 0 || held + bytes <= kMaxStagingInFlightBytes) return;
+    if (std::chrono::steady_clock::now() > deadline)
+      throw std::runtime_error("the CPU handoff's earlier calls hold " + std::to_string(held) +
+                               " bytes of staging and did not finish within " +
+                               std::to_string(kStagingWaitTimeoutS) + " s");
+    std::this_thread::sleep_for(std::chrono::microseconds(20));
+  }
+}
+
 std::shared_ptr<CudaHandoff::Call> CudaHandoff::new_call(std::shared_ptr<HostKvPool> pool,
                                                          size_t host_bytes, size_t device_bytes) {
+  wait_for_staging(StagingBuffers::allocated_bytes(host_bytes) + StagingBuffers::allocated_bytes(device_bytes));
   auto call = std::make_shared<Call>();
   call->seq = next_seq_;
   call->pool = std::move(pool);

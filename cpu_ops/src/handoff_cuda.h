@@ -13,8 +13,8 @@
 //           stream's seven per-operand copies to pinned memory: 47 us per start on the H200.)
 //   wait:   XLA's stream waits for that prefetch and copies the output into its own buffer: it
 //           stalls only if the CPU is late.
-//   store:  its operands staged like start's (rows over 16 MB: copied straight to pinned memory while
-//           XLA's stream waits); the token is written at once.
+//   store:  its operands staged like start's (over kMaxDeviceStagingBytes: copied straight to pinned memory
+//           while XLA's stream waits); the token is written at once.
 //   load:   its operands staged like start's; XLA's stream waits until the rows the CPU gathered are
 //           copied into its buffers.
 #pragma once
@@ -34,6 +34,12 @@
 #include "handoff_staging.h"
 
 namespace neo {
+
+// A store whose operands (K and V rows, layers, slots, each 256-byte aligned) fit this size is staged on the
+// device, so that XLA's stream need not wait for their copy to the host (a 2048-token prefill of llama-3-8b stores
+// 8 MB per layer; the engine splits swaps into such stores); larger ones are copied straight to pinned memory while
+// XLA's stream waits, sparing device memory outside XLA's pool.
+constexpr size_t kMaxDeviceStagingBytes = size_t{16} << 20;
 
 class CudaHandoff {
  public:
@@ -76,6 +82,9 @@ class CudaHandoff {
   // Under mutex_: context checks, an earlier CPU-side error, retiring finished calls.
   void enter(CUstream xla);
   void retire_finished();
+  // Retires finished calls; while the unfinished ones hold more than kMaxStagingInFlightBytes with `bytes` more,
+  // waits for them (the GPU has all they need enqueued).
+  void wait_for_staging(size_t bytes);
   std::shared_ptr<Call> new_call(std::shared_ptr<HostKvPool> pool, size_t host_bytes,
                                  size_t device_bytes);
   // Copies the operands on XLA's stream into call.staging.device at their offsets (short copies, after

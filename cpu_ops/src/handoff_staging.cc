@@ -6,12 +6,6 @@
 namespace neo {
 namespace {
 
-size_t size_class(size_t bytes) {
-  size_t size = 4096;
-  while (size < bytes) size *= 2;
-  return size;
-}
-
 void check(CUresult result, const char* call, size_t bytes) {
   if (result != kCudaSuccess)
     throw std::runtime_error(cuda_error_text(call, result) + " (" + std::to_string(bytes) +
@@ -20,10 +14,17 @@ void check(CUresult result, const char* call, size_t bytes) {
 
 }  // namespace
 
+size_t StagingBuffers::allocated_bytes(size_t bytes) {
+  if (bytes == 0) return 0;
+  size_t size = 4096;
+  while (size < bytes) size *= 2;
+  return size;
+}
+
 StagingBuffer StagingBuffers::acquire(size_t host_bytes, size_t device_bytes) {
   StagingBuffer buffer;
   if (host_bytes > 0) {
-    buffer.host_bytes = size_class(host_bytes);
+    buffer.host_bytes = allocated_bytes(host_bytes);
     std::vector<char*>& free = free_host_[buffer.host_bytes];
     if (free.empty()) {
       void* ptr = nullptr;
@@ -35,7 +36,7 @@ StagingBuffer StagingBuffers::acquire(size_t host_bytes, size_t device_bytes) {
     }
   }
   if (device_bytes > 0) {
-    buffer.device_bytes = size_class(device_bytes);
+    buffer.device_bytes = allocated_bytes(device_bytes);
     std::vector<CUdeviceptr>& free = free_device_[buffer.device_bytes];
     if (free.empty()) {
       check(cuda_.cuMemAlloc(&buffer.device, buffer.device_bytes), "cuMemAlloc", buffer.device_bytes);

@@ -42,6 +42,8 @@ class StagingBuffers {
   StagingBuffers(const StagingBuffers&) = delete;
   StagingBuffers& operator=(const StagingBuffers&) = delete;
 
+  // What a buffer of `bytes` takes: its power-of-two size class (0 for none).
+  static size_t allocated_bytes(size_t bytes);
   StagingBuffer acquire(size_t host_bytes, size_t device_bytes);
   void release(const StagingBuffer& buffer);
   CUevent acquire_event();

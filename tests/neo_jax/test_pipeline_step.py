@@ -272,8 +272,9 @@ def test_the_step_has_no_effects(swap_out):
     assert any(equation.primitive.name == "ffi_call" for equation in jaxpr.jaxpr.eqns)
 
 
-@pytest.mark.parametrize("layers_per_call", [1, 2])
-def test_swaps_move_as_many_layers_per_host_call_as_the_byte_cap_allows(monkeypatch, layers_per_call):
+@pytest.mark.parametrize("layers_per_call", [1, 2, 0.6])
+def test_swaps_move_as_many_rows_per_host_call_as_the_byte_caps_allow(monkeypatch, layers_per_call):
+    """Every layer's rows, in calls that may cut through a layer."""
     _, kv_cache, batch, _, model_config, host_pool = pipeline_step_args(swap_out=True, swap_in=True)
     num_layers, rng = model_config.num_layers, np.random.default_rng(3)
     k_gpu, v_gpu = (rng.standard_normal(kv_cache.k.shape).astype(np.float32) for _ in "kv")
@@ -282,12 +283,14 @@ def test_swaps_move_as_many_layers_per_host_call_as_the_byte_cap_allows(monkeypa
     host_k_before = host_pool.k_cache.copy()
     rows = batch.swap_out_gpu_slots.shape[0]
     row_bytes = 2 * model_config.num_kv_heads * model_config.head_dim * 4
-    monkeypatch.setattr(pipeline_step_module, "SWAP_CALL_BYTES", layers_per_call * rows * row_bytes)
+    rows_per_call = int(layers_per_call * rows)
+    for cap in ("SWAP_STORE_BYTES", "SWAP_LOAD_BYTES"):
+        monkeypatch.setattr(pipeline_step_module, cap, rows_per_call * (row_bytes + 8))
     flat = lambda cache: jnp.asarray(cache.reshape(-1, *cache.shape[2:]))  # [L * N, Hkv, bs, Dh]
     swap = jax.jit(lambda k, v, batch: swap_kv(host_pool, k, v, batch, jnp.arange(num_layers)[:, None]))
     hlo = swap.lower(flat(k_gpu), flat(v_gpu), batch).compile().as_text()
     for target in ("neo_host_kv_store", "neo_host_kv_load"):
-        assert hlo.count(f'custom_call_target="{target}"') == num_layers // layers_per_call, target
+        assert hlo.count(f'custom_call_target="{target}"') == -(-num_layers * rows // rows_per_call), target
     k_swapped, v_swapped, _ = swap(flat(k_gpu), flat(v_gpu), batch)
     k_swapped = np.asarray(k_swapped).reshape(k_gpu.shape)
     v_swapped = np.asarray(v_swapped).reshape(v_gpu.shape)
