@@ -49,14 +49,14 @@ def row_calls(total_rows: int, row_bytes: int, call_bytes: int) -> list[slice]:
     return [slice(first, min(first + per_call, total_rows)) for first in range(0, total_rows, per_call)]
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-3-8b")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--requests", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--call-mb", type=int, nargs="+", default=[16, 256],
+    parser.add_argument("--call-mb", type=float, nargs="+", default=[16, 256],
                         help="K and V bytes per store or load call (MiB)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--output-json")
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         layers = jnp.repeat(jnp.arange(num_layers, dtype=jnp.int32), slots.size)  # every layer's rows
         layer_slots = jnp.tile(slots_device, num_layers)
         for call_mb in args.call_mb:
-            pieces = row_calls(num_layers * slots.size, row_bytes, call_mb << 20)
+            pieces = row_calls(num_layers * slots.size, row_bytes, int(call_mb * (1 << 20)))
 
             @jax.jit
             def store(k: jax.Array, v: jax.Array) -> jax.Array:
@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         print(row, flush=True)
         results["rows"].append(row)
         write_json(args.output_json, results)
+    return results
 
 
 def stored_rows_match(pool: HostKvPool, layer: int, slots: np.ndarray, k_rows: np.ndarray,
