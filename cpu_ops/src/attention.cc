@@ -13,6 +13,7 @@
 
 #include "attention_isa.h"
 #include "float_convert.h"
+#include "stream_copy.h"
 
 namespace neo {
 namespace {
@@ -177,10 +178,11 @@ void append_kv_rows(const PagedKvCache& cache, const KvAppend& append, int64_t b
     for (int64_t h = 0; h < cache.num_kv_heads; ++h) {
       const int64_t dst = ((block * cache.num_kv_heads + h) * cache.block_size + offset) * row_bytes;
       const int64_t src = (i * cache.num_kv_heads + h) * row_bytes;
-      std::memcpy(static_cast<char*>(cache.k) + dst, static_cast<const char*>(append.k_new) + src, row_bytes);
-      std::memcpy(static_cast<char*>(cache.v) + dst, static_cast<const char*>(append.v_new) + src, row_bytes);
+      stream_copy(static_cast<char*>(cache.k) + dst, static_cast<const char*>(append.k_new) + src, row_bytes);
+      stream_copy(static_cast<char*>(cache.v) + dst, static_cast<const char*>(append.v_new) + src, row_bytes);
     }
   }
+  stream_fence();
 }
 
 void append_kv(const PagedKvCache& cache, const KvAppend& append, ThreadPool& pool) {

@@ -6,6 +6,8 @@
 #include <functional>
 #include <vector>
 
+#include "stream_copy.h"
+
 namespace neo {
 namespace {
 
@@ -90,10 +92,11 @@ void gather_rows(const PagedKvCache& cache, const int32_t* slot_mapping, int64_t
       }
       int64_t block = slot / cache.block_size, offset = slot % cache.block_size;
       size_t src = ((block * cache.num_kv_heads + head) * cache.block_size + offset) * head_bytes;
-      std::memcpy(k_dst, static_cast<const char*>(cache.k) + src, head_bytes);
-      std::memcpy(v_dst, static_cast<const char*>(cache.v) + src, head_bytes);
+      stream_copy(k_dst, static_cast<const char*>(cache.k) + src, head_bytes);
+      stream_copy(v_dst, static_cast<const char*>(cache.v) + src, head_bytes);
     }
   }
+  stream_fence();
 }
 
 // A swap moves ~40k rows of 32 layers: one parallel_for over chunks of every layer's rows, each chunk
