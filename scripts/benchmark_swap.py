@@ -11,7 +11,8 @@ rows a swap moves) go through:
   load_s           a jitted host_kv_load of the rows (host pool -> device) until they are fetched;
   append_kv_s      the host's scatter alone: append_kv of the rows (already in host memory) into the pool's
                    NumPy views, on the op's threads.
-Each as the mean of `--iters` calls after one that compiles, with GB/s of K/V moved. On a GPU the stores and
+Each as the mean of `--iters` calls after one that compiles, with GB/s of K/V moved. The rows go to whole blocks in
+shuffled order, as a swap's do (the H200 runs of 436054c and a877c04 sent every row to a random slot). On a GPU the stores and
 loads go through the CUDA handoff; on the CPU backend through its synchronous handlers.
 
     python scripts/benchmark_swap.py --model llama-3-8b --requests 1 4 --call-mb 16 256 --output-json swap.json
@@ -72,7 +73,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                "host_pool_pinned": bool(pool.pinned), "threads": num_threads(), "rows": []}
     rng = np.random.default_rng(0)
     for num_requests in args.requests:
-        slots = rng.permutation(num_requests * args.context).astype(np.int32)  # one layer's rows, shuffled
+        # One layer's rows as a swap moves them: whole blocks, in shuffled order, each block's slots in order.
+        request_blocks = rng.permutation(blocks)[:num_requests * -(-args.context // args.block_size)]
+        slots = (request_blocks[:, None] * args.block_size + np.arange(args.block_size)).reshape(-1)
+        slots = slots[:num_requests * args.context].astype(np.int32)
         moved_bytes = num_layers * slots.size * row_bytes
         k_host = rng.standard_normal((num_layers, slots.size, heads, head_dim)).astype(dtype)
         v_host = rng.standard_normal((num_layers, slots.size, heads, head_dim)).astype(dtype)
