@@ -51,10 +51,17 @@ from neo_jax.sharding import HEADS_SPEC, KV_BLOCKS_SPEC, TP_AXIS, shard_over_hea
 
 # What must be computed before a wait, with its layout over the tensor-parallel mesh.
 Dependency = tuple[jax.Array, P]
-SWAP_LOAD_BYTES = 256 << 20  # K and V rows one swap-in load moves at most: pinned staging memory
-# A swap-out store's rows, with their layer and slot indices (each operand 256-byte aligned), fit the device staging
-# of the CUDA handoff, so that XLA's stream goes on while they are copied to the host.
-SWAP_STORE_BYTES = HANDOFF_DEVICE_STAGING_BYTES - 4 * 256
+SWAP_LOAD_BYTES = 256 << 20  # staging of one swap-in load at most (pinned memory)
+# A swap-out store fits the device staging of the CUDA handoff, so that XLA's stream goes on while its rows are
+# copied to the host.
+SWAP_STORE_BYTES = HANDOFF_DEVICE_STAGING_BYTES
+
+
+def swap_calls(total_rows: int, row_bytes: int, staging_bytes: int) -> list[slice]:
+    """Pieces of `total_rows` rows (K and V, `row_bytes` each, with an int32 layer and slot) whose four operands,
+    each 256-byte aligned as the handoff stages them, fit `staging_bytes` (at least one row per piece)."""
+    per_call = max(1, (staging_bytes - 4 * 256) // (row_bytes + 8))
+    return [slice(first, min(first + per_call, total_rows)) for first in range(0, total_rows, per_call)]
 
 
 def swap_kv(pool: HostKvPool, k_blocks: jax.Array, v_blocks: jax.Array, batch: PipelineBatch,
@@ -77,11 +84,10 @@ def swap_kv(pool: HostKvPool, k_blocks: jax.Array, v_blocks: jax.Array, batch: P
         return (jnp.tile(gpu_slots, num_layers), jnp.repeat(layers * num_blocks, rows),
                 jnp.tile(host_slots, num_layers), jnp.repeat(pool_layers[:, 0], rows))
 
-    def calls(gpu_slots: jax.Array, host_slots: jax.Array, call_bytes: int) -> list[tuple[jax.Array, ...]]:
-        """every_layer's rows in pieces of at most `call_bytes` of K, V and their two int32 indices."""
+    def calls(gpu_slots: jax.Array, host_slots: jax.Array, staging_bytes: int) -> list[tuple[jax.Array, ...]]:
         rows = every_layer(gpu_slots, host_slots)
-        total, per_call = rows[0].shape[0], max(1, call_bytes // (row_bytes + 8))
-        return [tuple(index[first:first + per_call] for index in rows) for first in range(0, total, per_call)]
+        return [tuple(index[piece] for index in rows) for piece in swap_calls(rows[0].shape[0], row_bytes,
+                                                                                staging_bytes)]
 
     done = jnp.zeros((), jnp.int32)
     for gpu_slots, block_offsets, host_slots, pool_layer in calls(batch.swap_out_gpu_slots,

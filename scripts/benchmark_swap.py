@@ -34,6 +34,7 @@ from neo_jax.cpu_ops import append_kv, num_threads
 from neo_jax.cpu_ops.handoff import HostKvPool, host_kv_load, host_kv_store, synchronize, token_after
 from neo_jax.kv_cache import allocate_host_kv_pool
 from neo_jax.models.config import get_config
+from neo_jax.pipeline_step import swap_calls
 
 
 def mean_seconds(run: Callable[[], Any], iters: int) -> float:
@@ -42,13 +43,6 @@ def mean_seconds(run: Callable[[], Any], iters: int) -> float:
     for _ in range(iters):
         run()
     return (time.perf_counter() - start) / iters
-
-
-def row_calls(total_rows: int, row_bytes: int, call_bytes: int) -> list[slice]:
-    """Pieces of `total_rows` rows of `row_bytes` (K and V) whose operands, with their two int32 indices and each
-    operand's 256-byte alignment, fit `call_bytes`, as the engine's swaps split them (neo_jax/pipeline_step.py)."""
-    per_call = max(1, (call_bytes - 4 * 256) // (row_bytes + 8))
-    return [slice(first, min(first + per_call, total_rows)) for first in range(0, total_rows, per_call)]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -93,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         layers = jnp.repeat(jnp.arange(num_layers, dtype=jnp.int32), slots.size)  # every layer's rows
         layer_slots = jnp.tile(slots_device, num_layers)
         for call_mb in args.call_mb:
-            pieces = row_calls(num_layers * slots.size, row_bytes, int(call_mb * (1 << 20)))
+            pieces = swap_calls(num_layers * slots.size, row_bytes, int(call_mb * (1 << 20)))
 
             @jax.jit
             def store(k: jax.Array, v: jax.Array) -> jax.Array:

@@ -34,7 +34,7 @@ from neo_jax.model_runner import ModelRunner, jitted_pipeline_step
 from neo_jax.models.config import PRESETS
 from neo_jax.pipeline_batch import KvMove, PipelineSchedule, pack_pipeline_step
 from neo_jax import pipeline_step as pipeline_step_module
-from neo_jax.pipeline_step import pipeline_step, swap_kv
+from neo_jax.pipeline_step import pipeline_step, swap_calls, swap_kv
 from neo_jax.sampler import pack_sampling
 from neo_jax.sampling_params import SamplingParams
 from neo_jax.sequence import Request
@@ -285,7 +285,7 @@ def test_swaps_move_as_many_rows_per_host_call_as_the_byte_caps_allow(monkeypatc
     row_bytes = 2 * model_config.num_kv_heads * model_config.head_dim * 4
     rows_per_call = int(layers_per_call * rows)
     for cap in ("SWAP_STORE_BYTES", "SWAP_LOAD_BYTES"):
-        monkeypatch.setattr(pipeline_step_module, cap, rows_per_call * (row_bytes + 8))
+        monkeypatch.setattr(pipeline_step_module, cap, rows_per_call * (row_bytes + 8) + 4 * 256)
     flat = lambda cache: jnp.asarray(cache.reshape(-1, *cache.shape[2:]))  # [L * N, Hkv, bs, Dh]
     swap = jax.jit(lambda k, v, batch: swap_kv(host_pool, k, v, batch, jnp.arange(num_layers)[:, None]))
     hlo = swap.lower(flat(k_gpu), flat(v_gpu), batch).compile().as_text()
@@ -310,3 +310,12 @@ def test_swaps_move_as_many_rows_per_host_call_as_the_byte_caps_allow(monkeypatc
         for host_slot, gpu_slot in moves_in:
             np.testing.assert_array_equal(at(k_swapped, layer, gpu_slot), at(host_k_before, layer, host_slot))
             np.testing.assert_array_equal(at(v_swapped, layer, gpu_slot), at(host_pool.v_cache, layer, host_slot))
+
+
+@pytest.mark.parametrize("total_rows,row_bytes,staging_bytes", [(100, 64, 4096), (100, 64, 1 << 20), (7, 1000, 10)])
+def test_swap_calls_cover_every_row_once_within_the_staging(total_rows, row_bytes, staging_bytes):
+    pieces = swap_calls(total_rows, row_bytes, staging_bytes)
+    assert [row for piece in pieces for row in range(total_rows)[piece]] == list(range(total_rows))
+    for piece in pieces:
+        rows = piece.stop - piece.start
+        assert rows == 1 or rows * (row_bytes + 8) + 4 * 256 <= staging_bytes

@@ -1,18 +1,6 @@
-"""benchmark_swap.py: its row split and an end-to-end run on the tiny model (CPU backend handlers)."""
+"""benchmark_swap.py end to end on the tiny model (CPU backend handlers)."""
 
 from __future__ import annotations
-
-import pytest
-
-
-@pytest.mark.parametrize("total_rows,row_bytes,call_bytes", [(100, 64, 4096), (100, 64, 1 << 20), (7, 1000, 10)])
-def test_row_calls_cover_every_row_once_within_the_byte_cap(load_script, total_rows, row_bytes, call_bytes):
-    pieces = load_script("benchmark_swap").row_calls(total_rows, row_bytes, call_bytes)
-    covered = [row for piece in pieces for row in range(total_rows)[piece]]
-    assert covered == list(range(total_rows))
-    for piece in pieces:
-        rows = piece.stop - piece.start
-        assert rows == 1 or rows * (row_bytes + 8) + 4 * 256 <= call_bytes
 
 
 def test_times_every_part_and_checks_the_stored_rows(load_script, tmp_path):
