@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--requests", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--call-mb", type=float, nargs="+", default=[16, 256],
-                        help="K and V bytes per store or load call (MiB)")
+                        help="staging per store or load call (MiB): K and V rows, their indices, alignment")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--output-json")
     args = parser.parse_args(argv)
