@@ -17,6 +17,9 @@
 //           while XLA's stream waits); the token is written at once.
 //   load:   its operands staged like start's; XLA's stream waits until the rows the CPU gathered are
 //           copied into its buffers.
+// Staging buffers are recycled when their call retires; while the unfinished calls hold more than a cap, a new
+// call's handler waits on the host for the oldest to retire (everything they need is already enqueued), so a
+// CPU that falls behind slows the launches instead of pinning fresh memory for every call.
 #pragma once
 
 #include <cstdint>
