@@ -45,6 +45,59 @@ def mean_seconds(run: Callable[[], Any], iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
+def swap_slots(rng: np.random.Generator, num_blocks: int, num_rows: int, block_size: int) -> np.ndarray:
+    """int32 [num_rows] slots as a swap moves them: whole blocks in shuffled order, each block's slots in order."""
+    blocks = rng.permutation(num_blocks)[:-(-num_rows // block_size)]
+    return (blocks[:, None] * block_size + np.arange(block_size)).reshape(-1)[:num_rows].astype(np.int32)
+
+
+def time_call_size(pool: HostKvPool, k_host: np.ndarray, v_host: np.ndarray, slots: np.ndarray, call_bytes: int,
+                   iters: int) -> dict[str, Any]:
+    """Stores and loads of k_host / v_host [L, m, kv_heads, head_dim] at `slots` of every layer, in calls of at most
+    `call_bytes` of staging."""
+    num_layers, _, heads, head_dim = k_host.shape
+    row_bytes = 2 * heads * head_dim * pool.dtype.itemsize
+    pieces = swap_calls(num_layers * slots.size, row_bytes, call_bytes)
+    layers = jnp.repeat(jnp.arange(num_layers, dtype=jnp.int32), slots.size)  # every layer's rows, layer-major
+    layer_slots = jnp.tile(jnp.asarray(slots), num_layers)
+    k_rows, v_rows = jnp.asarray(k_host).reshape(-1, heads, head_dim), jnp.asarray(v_host).reshape(-1, heads, head_dim)
+
+    @jax.jit
+    def store(k: jax.Array, v: jax.Array) -> jax.Array:
+        done = jnp.zeros((), jnp.int32)
+        for piece in pieces:
+            done = done + host_kv_store(pool, k[piece], v[piece], layers[piece], layer_slots[piece])
+        return done
+
+    @jax.jit
+    def load() -> jax.Array:
+        done = jnp.zeros((), jnp.int32)
+        for piece in pieces:
+            k, v = host_kv_load(pool, layers[piece], layer_slots[piece])
+            done = done + token_after(k) + token_after(v)
+        return done
+
+    def store_synced() -> None:
+        np.asarray(store(k_rows, v_rows))
+        synchronize()
+
+    def load_synced() -> None:
+        synchronize()
+        np.asarray(load())
+
+    checked_layers = (0, num_layers - 1)
+    cell = {"calls": len(pieces), "store_s": timed_fetch(store_synced, lambda: store(k_rows, v_rows), iters),
+            "store_synced_s": mean_seconds(store_synced, iters)}
+    for layer in checked_layers:
+        pool.k_cache[layer][...], pool.v_cache[layer][...] = 0, 0
+    cell["store_repeated_s"] = mean_seconds(lambda: np.asarray(store(k_rows, v_rows)), iters)
+    synchronize()
+    cell["stored_rows_match"] = all(stored_rows_match(pool, layer, slots, k_host[layer], v_host[layer])
+                                    for layer in checked_layers)
+    cell["load_s"] = timed_fetch(load_synced, load, iters)
+    return cell
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-3-8b")
@@ -59,74 +112,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     config = get_config(args.model).with_dtype(args.dtype)
-    num_layers, heads, head_dim = config.num_layers, config.num_kv_heads, config.head_dim
+    shape = (config.num_layers, config.num_kv_heads, config.head_dim)
     blocks = max(args.requests) * -(-args.context // args.block_size)
     pool = allocate_host_kv_pool(config, blocks, args.block_size)
-    dtype = pool.dtype
-    row_bytes = 2 * heads * head_dim * dtype.itemsize  # K and V of one slot of one layer
     results: dict[str, Any] = {"machine": machine_info(), "model": args.model, "context": args.context,
                                "host_pool_pinned": bool(pool.pinned), "threads": num_threads(), "rows": []}
     rng = np.random.default_rng(0)
     for num_requests in args.requests:
-        # One layer's rows as a swap moves them: whole blocks, in shuffled order, each block's slots in order.
-        request_blocks = rng.permutation(blocks)[:num_requests * -(-args.context // args.block_size)]
-        slots = (request_blocks[:, None] * args.block_size + np.arange(args.block_size)).reshape(-1)
-        slots = slots[:num_requests * args.context].astype(np.int32)
-        moved_bytes = num_layers * slots.size * row_bytes
-        k_host = rng.standard_normal((num_layers, slots.size, heads, head_dim)).astype(dtype)
-        v_host = rng.standard_normal((num_layers, slots.size, heads, head_dim)).astype(dtype)
-        k_rows, v_rows = jnp.asarray(k_host), jnp.asarray(v_host)
-        slots_device = jnp.asarray(slots)
+        slots = swap_slots(rng, blocks, num_requests * args.context, args.block_size)
+        k_host, v_host = (rng.standard_normal((shape[0], slots.size, *shape[1:])).astype(pool.dtype) for _ in "kv")
+        moved_bytes = 2 * k_host.nbytes
 
         def append_all() -> None:
-            for layer in range(num_layers):
+            for layer in range(shape[0]):
                 append_kv(pool.k_cache[layer], pool.v_cache[layer], k_host[layer], v_host[layer], slots)
 
         row: dict[str, Any] = {"requests": num_requests, "moved_bytes": moved_bytes,
-                               "append_kv_s": mean_seconds(append_all, args.iters)}
-        layers = jnp.repeat(jnp.arange(num_layers, dtype=jnp.int32), slots.size)  # every layer's rows
-        layer_slots = jnp.tile(slots_device, num_layers)
+                               "append_kv_s": mean_seconds(append_all, args.iters), "calls": []}
         for call_mb in args.call_mb:
-            pieces = swap_calls(num_layers * slots.size, row_bytes, int(call_mb * (1 << 20)))
-
-            @jax.jit
-            def store(k: jax.Array, v: jax.Array) -> jax.Array:
-                k, v = k.reshape(-1, heads, head_dim), v.reshape(-1, heads, head_dim)
-                done = jnp.zeros((), jnp.int32)
-                for piece in pieces:
-                    done = done + host_kv_store(pool, k[piece], v[piece], layers[piece], layer_slots[piece])
-                return done
-
-            @jax.jit
-            def load() -> jax.Array:
-                done = jnp.zeros((), jnp.int32)
-                for piece in pieces:
-                    k, v = host_kv_load(pool, layers[piece], layer_slots[piece])
-                    done = done + token_after(k) + token_after(v)
-                return done
-
-            def store_synced() -> None:
-                np.asarray(store(k_rows, v_rows))
-                synchronize()
-
-            def load_synced() -> None:
-                synchronize()
-                np.asarray(load())
-
-            checked_layers = (0, num_layers - 1)
-            cell = {"call_mb": call_mb, "calls": len(pieces),
-                    "store_s": timed_fetch(store_synced, lambda: store(k_rows, v_rows), args.iters),
-                    "store_synced_s": mean_seconds(store_synced, args.iters)}
-            for layer in checked_layers:
-                pool.k_cache[layer][...], pool.v_cache[layer][...] = 0, 0
-            cell["store_repeated_s"] = mean_seconds(lambda: np.asarray(store(k_rows, v_rows)), args.iters)
-            synchronize()
-            cell["stored_rows_match"] = all(stored_rows_match(pool, layer, slots, k_host[layer], v_host[layer])
-                                            for layer in checked_layers)
-            cell["load_s"] = timed_fetch(load_synced, load, args.iters)
+            cell = {"call_mb": call_mb, **time_call_size(pool, k_host, v_host, slots, int(call_mb * (1 << 20)),
+                                                         args.iters)}
             for key in ("store_s", "store_synced_s", "store_repeated_s", "load_s"):
                 cell[key[:-len("_s")] + "_gb_per_s"] = moved_bytes / cell[key] / 1e9
-            row.setdefault("calls", []).append(cell)
+            row["calls"].append(cell)
         row["append_kv_gb_per_s"] = moved_bytes / row["append_kv_s"] / 1e9
         print(row, flush=True)
         results["rows"].append(row)
