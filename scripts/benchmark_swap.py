@@ -11,7 +11,7 @@ rows a swap moves) go through:
   load_s           a jitted host_kv_load of the rows (host pool -> device) until they are fetched;
   append_kv_s      the host's scatter alone: append_kv of the rows (already in host memory) into the pool's
                    NumPy views, on the op's threads.
-Each as the mean of `--iters` calls after one that compiles, with GB/s of K/V moved. The rows go to whole blocks in
+Each as the mean of `--iters` calls after two untimed ones (the first compiles), with GB/s of K/V moved. The rows go to whole blocks in
 shuffled order, as a swap's do (the H200 runs of 436054c and a877c04 sent every row to a random slot). On a GPU the
 stores and loads go through the CUDA handoff; on the CPU backend through its synchronous handlers. Calls of 16 MiB
 are the engine's swap-out stores (neo_jax/pipeline_step.py): the device staging of the CUDA handoff.
@@ -30,19 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench_common import machine_info, write_json
+from benchmark_pipeline import seconds_per_call
 from neo_jax.cpu_ops import append_kv, num_threads
 from neo_jax.cpu_ops.handoff import HostKvPool, host_kv_load, host_kv_store, synchronize, token_after
 from neo_jax.kv_cache import allocate_host_kv_pool
 from neo_jax.models.config import get_config
 from neo_jax.pipeline_step import swap_calls
-
-
-def mean_seconds(run: Callable[[], Any], iters: int) -> float:
-    run()
-    start = time.perf_counter()
-    for _ in range(iters):
-        run()
-    return (time.perf_counter() - start) / iters
 
 
 def swap_slots(rng: np.random.Generator, num_blocks: int, num_rows: int, block_size: int) -> np.ndarray:
@@ -87,10 +80,10 @@ def time_call_size(pool: HostKvPool, k_host: np.ndarray, v_host: np.ndarray, slo
 
     checked_layers = (0, num_layers - 1)
     cell = {"calls": len(pieces), "store_s": timed_fetch(store_synced, lambda: store(k_rows, v_rows), iters),
-            "store_synced_s": mean_seconds(store_synced, iters)}
+            "store_synced_s": seconds_per_call(store_synced, iters)["step_s"]}
     for layer in checked_layers:
         pool.k_cache[layer][...], pool.v_cache[layer][...] = 0, 0
-    cell["store_repeated_s"] = mean_seconds(lambda: np.asarray(store(k_rows, v_rows)), iters)
+    cell["store_repeated_s"] = seconds_per_call(lambda: store(k_rows, v_rows), iters)["step_s"]
     synchronize()
     cell["stored_rows_match"] = all(stored_rows_match(pool, layer, slots, k_host[layer], v_host[layer])
                                     for layer in checked_layers)
@@ -128,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 append_kv(pool.k_cache[layer], pool.v_cache[layer], k_host[layer], v_host[layer], slots)
 
         row: dict[str, Any] = {"requests": num_requests, "moved_bytes": moved_bytes,
-                               "append_kv_s": mean_seconds(append_all, args.iters), "calls": []}
+                               "append_kv_s": seconds_per_call(append_all, args.iters)["step_s"], "calls": []}
         for call_mb in args.call_mb:
             cell = {"call_mb": call_mb, **time_call_size(pool, k_host, v_host, slots, int(call_mb * (1 << 20)),
                                                          args.iters)}
