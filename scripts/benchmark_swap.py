@@ -11,10 +11,11 @@ rows a swap moves) go through:
   load_s           a jitted host_kv_load of the rows (host pool -> device) until they are fetched;
   append_kv_s      the host's scatter alone: append_kv of the rows (already in host memory) into the pool's
                    NumPy views, on the op's threads.
-Each as the mean of `--iters` calls after two untimed ones (the first compiles), with GB/s of K/V moved. The rows go to whole blocks in
-shuffled order, as a swap's do (the H200 runs of 436054c and a877c04 sent every row to a random slot). On a GPU the
-stores and loads go through the CUDA handoff; on the CPU backend through its synchronous handlers. Calls of 16 MiB
-are the engine's swap-out stores (neo_jax/pipeline_step.py): the device staging of the CUDA handoff.
+Each as the mean of `--iters` calls after untimed ones (the first compiles), with GB/s of K/V moved. The rows go
+to whole blocks in shuffled order, as a swap's do (the H200 runs of 436054c and a877c04 sent every row to a random
+slot). On a GPU the stores and loads go through the CUDA handoff; on the CPU backend through its synchronous
+handlers. Calls of 16 MiB are the engine's swap-out stores (neo_jax/pipeline_step.py): the device staging of the
+CUDA handoff.
 
     python scripts/benchmark_swap.py --model llama-3-8b --requests 1 4 --call-mb 16 256 --output-json swap.json
 """
