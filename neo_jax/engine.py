@@ -34,9 +34,9 @@ from neo_jax.kv_cache import allocate_host_kv_pool, num_cpu_blocks, num_gpu_bloc
 from neo_jax.model_runner import LaunchedStep, ModelRunner
 from neo_jax.models import llama, loading
 from neo_jax.models.config import ModelConfig, get_config
-from neo_jax.sampling_params import SamplingParams
 from neo_jax.pipeline_batch import PipelineSchedule
 from neo_jax.pipeline_scheduler import PipelineScheduler
+from neo_jax.sampling_params import SamplingParams
 from neo_jax.scheduler import Scheduler
 from neo_jax.sequence import Request
 from neo_jax.sharding import init_sharded_params, make_mesh, shard_params
