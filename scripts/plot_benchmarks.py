@@ -76,14 +76,16 @@ def plot_throughput(results: list[dict], path: pathlib.Path) -> pathlib.Path:
             ax.bar(x, value, width, color=policy_color(policy), label=None if policy in labeled else policy)
             labeled.add(policy)
             baseline, bound = runs.get((scenario, BASELINE)), plotted_bound(run)
-            notes = []
+            notes, top = [], value
             if baseline is not None:
                 notes.append(f"{value / baseline['output_tokens_per_s']:.2f}x")
                 if bound is not None:
-                    ax.hlines(baseline["output_tokens_per_s"] * bound, x - width / 2, x + width / 2, colors="black")
+                    tick = baseline["output_tokens_per_s"] * bound
+                    ax.hlines(tick, x - width / 2, x + width / 2, colors="black")
+                    top = max(top, tick)
             if bound is not None:
                 notes.append(f"bound {bound:.2f}x")
-            ax.annotate("\n".join(notes), (x, value), ha="center", va="bottom", fontsize=7)
+            ax.annotate("\n".join(notes), (x, top), ha="center", va="bottom", fontsize=7)  # above bar and tick
     ax.set_ylim(0, tallest * 1.35)
     ax.set_xticks(range(len(scenarios)), scenarios, fontsize=8)
     ax.set_ylabel("output tokens/s")
