@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -17,7 +17,7 @@ from neo_jax.sequence import Request
 
 logger = logging.getLogger(__name__)
 
-Prompt = str | Sequence[int]
+Prompt = str | Sequence[int] | np.ndarray
 
 
 def completion_seed(seed: int, completion_index: int) -> int:
@@ -50,21 +50,22 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Completions of every prompt, in prompt order. A prompt is a string or a list of token ids.
+        """Completions of every prompt, in prompt order. A prompt is a string or token ids (a list, or a 1-D
+        integer array; a 2-D array is a batch of prompts).
 
-        A prompt that cannot be served (empty, longer than max_model_len, ids outside the vocabulary) gets a
-        RequestOutput with finish_reason "error" and `.error` set; the other prompts still run.
+        A prompt that cannot be served (empty, longer than max_model_len, ids outside the vocabulary, neither text
+        nor token ids) gets a RequestOutput with finish_reason "error" and `.error` set; the other prompts still run.
+        Every prompt is checked before any is queued, so a call that raises leaves the engine as it found it.
         """
-        prompt_list = [prompts] if isinstance(prompts, str) or _is_token_ids(prompts) else list(prompts)
+        prompt_list = _prompt_list(prompts)
         params_list = self._params_per_prompt(sampling_params, len(prompt_list))
+        prepared = [self._prepare(prompt) for prompt in prompt_list]
         results: list[RequestOutput | None] = [None] * len(prompt_list)
         completions: dict[int, list[Request]] = {}
-        for index, (prompt, params) in enumerate(zip(prompt_list, params_list)):
-            text, token_ids = self._tokenize(prompt)
-            error = self.engine.prompt_error(token_ids)
+        for index, ((text, token_ids, error), params) in enumerate(zip(prepared, params_list)):
             if error is not None:
                 logger.warning("prompt %d fails: %s", index, error)
-                results[index] = RequestOutput(self.engine.new_request_id(), text, list(token_ids),
+                results[index] = RequestOutput(self.engine.new_request_id(), text, token_ids,
                                                [CompletionOutput(0, "", [], "error")], error=error)
                 continue
             seeds = [None if params.seed is None else completion_seed(params.seed, i) for i in range(params.n)]
@@ -84,7 +85,9 @@ class LLM:
         with tqdm(total=len(completions), disable=not use_tqdm, desc="generate", unit="prompt") as bar:
             while self.engine.has_unfinished_requests():
                 for request in self.engine.step():
-                    index = prompt_of[request.request_id]
+                    index = prompt_of.get(request.request_id)
+                    if index is None:  # queued through llm.engine by the caller, who holds its Request
+                        continue
                     remaining[index] -= 1
                     if remaining[index] == 0:
                         bar.update(1)
@@ -104,15 +107,37 @@ class LLM:
                 raise ValueError(f"sampling_params: {params!r} is not a SamplingParams")
         return params_list
 
-    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+    def _prepare(self, prompt: object) -> tuple[str | None, list[int], str | None]:
+        """(text, token ids, why it cannot be served or None). Raises ValueError for text without a tokenizer."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"prompts: {self.engine.config.model} has no tokenizer.json; pass token ids")
-            return prompt, self.tokenizer.encode(prompt)
-        return None, list(prompt)
+            token_ids = self.tokenizer.encode(prompt)
+            return prompt, token_ids, self.engine.prompt_error(token_ids)
+        if hasattr(prompt, "__array__") and not isinstance(prompt, Sequence):
+            prompt = np.asarray(prompt)
+            if prompt.ndim != 1:
+                return None, [], f"prompts: a token-id array must be 1-D, not of shape {prompt.shape}"
+            prompt = prompt.tolist()
+        if not isinstance(prompt, Sequence):
+            return None, [], f"prompts: {prompt!r} is neither a string nor a sequence of token ids"
+        token_ids = list(prompt)
+        return None, token_ids, self.engine.prompt_error(token_ids)
 
     def _detokenize(self, token_ids: list[int]) -> str:
         return "" if self.tokenizer is None else self.tokenizer.decode(token_ids)
+
+
+def _prompt_list(prompts: object) -> list[object]:
+    """The prompts of a generate call: one string or token-id sequence, or many; arrays by their rows."""
+    if hasattr(prompts, "__array__") and not isinstance(prompts, Sequence):
+        rows = np.asarray(prompts)
+        return [rows] if rows.ndim <= 1 else list(rows)
+    if isinstance(prompts, str) or _is_token_ids(prompts):
+        return [prompts]
+    if not isinstance(prompts, Iterable):
+        raise ValueError(f"prompts: {prompts!r} is neither a prompt nor a sequence of prompts")
+    return list(prompts)
 
 
 def _is_token_ids(prompts: object) -> bool:

@@ -156,3 +156,30 @@ def test_bad_engine_options_raise(option, value):
 def test_a_kv_budget_too_small_for_max_model_len_raises():
     with pytest.raises(ValueError, match="max_model_len"):
         LLM("tiny", max_model_len=128, block_size=8, num_gpu_blocks=8)
+
+
+def test_prompts_of_the_wrong_type_fail_alone_and_leave_the_engine_clean(hf_llm):
+    good = [5, 6, 7, 8]
+    outputs = hf_llm.generate([good, None, 3.5, [1.5], np.zeros((2, 2), np.int32), good], GREEDY, use_tqdm=False)
+    assert [o.outputs[0].finish_reason for o in outputs] == ["length", "error", "error", "error", "error", "length"]
+    assert "None is neither" in outputs[1].error and "3.5 is neither" in outputs[2].error
+    assert "1.5 is not a token id" in outputs[3].error and "(2, 2)" in outputs[4].error
+    with pytest.raises(ValueError, match="has no tokenizer.json"):  # refused before `good` is queued
+        hf_llm.generate([good, "hello"], GREEDY, use_tqdm=False)
+    assert not hf_llm.engine.has_unfinished_requests()
+    assert token_ids(hf_llm.generate([good], GREEDY, use_tqdm=False)) == [outputs[0].outputs[0].token_ids]
+
+
+def test_token_id_arrays_are_prompts(hf_llm):
+    prompts = random_prompts((6, 9), seed=3)
+    expected = token_ids(hf_llm.generate(prompts, GREEDY, use_tqdm=False))
+    assert token_ids(hf_llm.generate(np.array(prompts[0]), GREEDY, use_tqdm=False)) == expected[:1]
+    assert token_ids(hf_llm.generate([np.array(p, np.int32) for p in prompts], GREEDY, use_tqdm=False)) == expected
+    square = np.array([prompts[0], prompts[0]])
+    assert token_ids(hf_llm.generate(square, GREEDY, use_tqdm=False)) == [expected[0], expected[0]]
+
+
+def test_requests_queued_on_the_engine_finish_without_breaking_generate(hf_llm):
+    queued = hf_llm.engine.add_request([5, 6, 7], GREEDY)
+    outputs = hf_llm.generate([[5, 6, 7]], GREEDY, use_tqdm=False)
+    assert queued.finish_reason == "length" and queued.output_token_ids == outputs[0].outputs[0].token_ids
