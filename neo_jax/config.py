@@ -8,6 +8,10 @@ from neo_jax.models.config import SUPPORTED_DTYPES, ModelConfig
 from neo_jax.step_plan import POLICIES
 
 MIN_TOKEN_BUCKET = 16
+# Decode rows come in pairs at least: XLA turns a one-row scatter into a dynamic-update-slice, and on its CPU
+# backend that made the step copy the whole KV cache several times (one request: 56 ms a step with 4096 tiny
+# blocks against 1.5 ms for two). A padding row is dropped at the scratch block.
+MIN_DECODE_BUCKET = 2
 # Decode rows with short contexts share one block-table width (a few padded blocks cost little).
 MIN_TABLE_BUCKET = 8
 
@@ -137,7 +141,7 @@ class StepBuckets:
 
     @classmethod
     def for_engine(cls, config: EngineConfig, max_model_len: int) -> StepBuckets:
-        return cls(num_seqs=powers_of_two(1, config.max_num_seqs),
+        return cls(num_seqs=powers_of_two(MIN_DECODE_BUCKET, config.max_num_seqs),
                    num_tokens=powers_of_two(MIN_TOKEN_BUCKET, config.max_num_batched_tokens),
                    num_blocks=powers_of_two(MIN_TABLE_BUCKET, -(-max_model_len // config.block_size)),
                    max_num_seqs=config.max_num_seqs)
@@ -147,9 +151,9 @@ class StepBuckets:
 
     @property
     def max_sampled_rows(self) -> int:
-        """A bound on any step's sampled rows: a pipeline step's GPU rows (at most 2 * max_num_seqs, above) and its
-        two micro-batches' CPU rows (at most max_num_seqs each)."""
-        return 4 * self.max_num_seqs
+        """A bound on any step's sampled rows: a pipeline step's GPU rows (decode rows and at most max_num_seqs
+        prefills, above) and its two micro-batches' CPU rows, each at most the largest decode bucket."""
+        return 4 * self.num_seqs[-1]
 
     @staticmethod
     def num_context(num_context_tokens: int, num_prefill_tokens: int) -> int:

@@ -58,7 +58,7 @@ def test_buckets():
         bucket(5, (1, 2, 4))
     buckets = StepBuckets.for_engine(EngineConfig(model="tiny", max_num_seqs=8, max_num_batched_tokens=64,
                                                   block_size=16), max_model_len=1000)
-    assert buckets.num_seqs == (1, 2, 4, 8) and buckets.num_tokens == (16, 32, 64)
+    assert buckets.num_seqs == (2, 4, 8) and buckets.num_tokens == (16, 32, 64)
     assert buckets.num_blocks == (8, 16, 32, 63)
     assert buckets.num_sample_rows(4, 64) == 12 and buckets.num_sample_rows(2, 0) == 2
     assert buckets.num_context(64, 64) == 64 and buckets.num_context(65, 64) == 128
