@@ -41,7 +41,7 @@ from neo_jax.sequence import Request
 
 CONTEXT = 20
 BLOCK_SIZE = 4
-GPU_ROWS, SHARE_ROWS, BATCH1_ROWS = 2, 1, 2
+GPU_ROWS, SHARE_ROWS, BATCH1_ROWS = 2, 2, 4  # decode buckets start at 2
 
 
 def decodes(pool: BlockPool, first_id: int, count: int, vocab_size: int) -> list[ScheduledChunk]:
@@ -66,7 +66,7 @@ def pipeline_step_args(swap_out: bool, share: bool = True, batch1: bool = True, 
     model_config, params = load_model("tiny", "float32", seed=0)
     config = EngineConfig("tiny", dtype="float32", policy="cpu-all", block_size=BLOCK_SIZE, max_model_len=32,
                           max_num_seqs=8)
-    num_blocks = 6 * blocks_for(CONTEXT, BLOCK_SIZE) + 1
+    num_blocks = 9 * blocks_for(CONTEXT, BLOCK_SIZE) + 1
     host_pool = allocate_host_kv_pool(model_config, num_blocks, BLOCK_SIZE)
     runner = ModelRunner(model_config, params, config, num_blocks, 32, host_pool)
     vocab = model_config.vocab_size
