@@ -114,7 +114,7 @@ class LLM:
                 raise ValueError(f"prompts: {self.engine.config.model} has no tokenizer.json; pass token ids")
             token_ids = self.tokenizer.encode(prompt)
             return prompt, token_ids, self.engine.prompt_error(token_ids)
-        if hasattr(prompt, "__array__") and not isinstance(prompt, Sequence):
+        if _is_array(prompt):
             prompt = np.asarray(prompt)
             if prompt.ndim != 1:
                 return None, [], f"prompts: a token-id array must be 1-D, not of shape {prompt.shape}"
@@ -130,7 +130,7 @@ class LLM:
 
 def _prompt_list(prompts: object) -> list[object]:
     """The prompts of a generate call: one string or token-id sequence, or many; arrays by their rows."""
-    if hasattr(prompts, "__array__") and not isinstance(prompts, Sequence):
+    if _is_array(prompts):
         rows = np.asarray(prompts)
         return [rows] if rows.ndim <= 1 else list(rows)
     if isinstance(prompts, str) or _is_token_ids(prompts):
@@ -138,6 +138,11 @@ def _prompt_list(prompts: object) -> list[object]:
     if not isinstance(prompts, Iterable):
         raise ValueError(f"prompts: {prompts!r} is neither a prompt nor a sequence of prompts")
     return list(prompts)
+
+
+def _is_array(value: object) -> bool:
+    """A NumPy or JAX array (anything np.asarray takes whole), not a list."""
+    return hasattr(value, "__array__") and not isinstance(value, Sequence)
 
 
 def _is_token_ids(prompts: object) -> bool:
