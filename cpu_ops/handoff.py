@@ -28,6 +28,10 @@ same way every time (a loop-invariant token) may be folded to a constant. Pass e
 call's `dep`, or into an output) and wait for every start; two starts need different operands (in practice
 they always differ in q or layer). A later write into blocks that a load read takes `token_after(rows)`.
 
+The start packs its seven operands into three (q, k_new and v_new as bytes; slot_mapping, context_lens and
+block_tables as one int32 array; the layer): on a GPU each operand costs the call a device copy, and a call
+comes every layer.
+
 Padding: slot -1 is skipped by appends and stores (a load gives a zero row for it); a request with
 context length 0 gets a zero output row.
 """
@@ -156,6 +160,11 @@ def _check_length(op: str, name: str, array: jax.Array, length: int) -> None:
         raise ValueError(f"{op}: {name} has {array.shape[0]} rows, expected {length}")
 
 
+def _bytes(array: jax.Array) -> jax.Array:
+    """uint8 [array.nbytes]: a float array's bytes in row-major order."""
+    return jax.lax.bitcast_convert_type(array, jnp.uint8).reshape(-1)
+
+
 def cpu_attention_start(pool: HostKvPool, q: jax.Array, k_new: jax.Array, v_new: jax.Array, layer,
                         slot_mapping, block_tables, context_lens, dep: jax.Array | None = None) -> PendingAttention:
     """Appends k_new / v_new [n, kv_heads, head_dim] at slot_mapping [n] into `layer` of the pool,
@@ -181,8 +190,12 @@ def cpu_attention_start(pool: HostKvPool, q: jax.Array, k_new: jax.Array, v_new:
     for name, array in zip(("slot_mapping", "block_tables", "context_lens"), operands[4:]):
         _check_length(op, name, array, num_reqs)
     dep = jnp.zeros((), jnp.int32) if dep is None else dep
+    q, k_new, v_new, layer, slot_mapping, block_tables, context_lens = operands
+    rows = jnp.concatenate([_bytes(q), _bytes(k_new), _bytes(v_new)])
+    requests = jnp.concatenate([slot_mapping, context_lens, block_tables.reshape(-1)])
     token = jax.ffi.ffi_call(_ATTENTION_START, jax.ShapeDtypeStruct((), jnp.int32))(
-        *operands, dep, pool_id=np.int64(pool.pool_id))
+        rows, layer, requests, dep, pool_id=np.int64(pool.pool_id), num_reqs=np.int64(num_reqs),
+        num_q_heads=np.int64(q.shape[1]), q_dtype=_POOL_DTYPES[np.dtype(q.dtype)])
     return PendingAttention(token, q.shape, q.dtype, pool.pool_id)
 
 

@@ -31,26 +31,18 @@ uint32_t next_call_number() {
   return pending().next_call++;
 }
 
-ffi::Error attention_start(ffi::AnyBuffer q, ffi::AnyBuffer k_new, ffi::AnyBuffer v_new,
-                           ffi::AnyBuffer layer, ffi::AnyBuffer slot_mapping,
-                           ffi::AnyBuffer block_tables, ffi::AnyBuffer context_lens, ffi::AnyBuffer,
-                           ffi::Result<ffi::AnyBuffer> token, int64_t pool_id) {
+ffi::Error attention_start(ffi::AnyBuffer rows, ffi::AnyBuffer layer, ffi::AnyBuffer requests, ffi::AnyBuffer,
+                           ffi::Result<ffi::AnyBuffer> token, int64_t pool_id, int64_t num_reqs,
+                           int64_t num_q_heads, std::string_view q_dtype) {
   std::string error;
   std::shared_ptr<HostKvPool> pool = pool_for_call("cpu_attention_start", pool_id, &error);
   AttentionShape shape;
-  if (pool)
-    error = check_attention_operands(*pool, q, k_new, v_new, layer, slot_mapping, block_tables,
-                                     context_lens, &shape);
+  if (pool) error = check_attention_operands(*pool, rows, layer, requests, num_reqs, num_q_heads, q_dtype, &shape);
   if (!error.empty()) return ffi::Error::InvalidArgument(error);
   std::vector<char> out(shape.q_bytes());
-  AttentionOperands operands{q.untyped_data(),
-                             k_new.untyped_data(),
-                             v_new.untyped_data(),
-                             static_cast<const int32_t*>(layer.untyped_data()),
-                             static_cast<const int32_t*>(slot_mapping.untyped_data()),
-                             static_cast<const int32_t*>(block_tables.untyped_data()),
-                             static_cast<const int32_t*>(context_lens.untyped_data()),
-                             out.data()};
+  AttentionOperands operands = unpack_attention_operands(
+      shape, static_cast<const char*>(rows.untyped_data()), static_cast<const int32_t*>(layer.untyped_data()),
+      static_cast<const int32_t*>(requests.untyped_data()), out.data());
   error = run_attention(*pool, shape, operands);
   if (!error.empty()) return ffi::Error::InvalidArgument(error);
   std::lock_guard<std::mutex> lock(pending().mutex);

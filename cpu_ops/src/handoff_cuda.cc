@@ -1,5 +1,7 @@
 #include "handoff_cuda.h"
 
+#include "thread_pool.h"
+
 #include <chrono>
 #include <cstring>
 #include <stdexcept>
@@ -52,7 +54,8 @@ CudaHandoff::CudaHandoff(const CudaDriver& cuda, CUstream xla_stream) : cuda_(cu
   check(cuda_.cuMemHostGetDevicePointer(&base, flags, 0), "cuMemHostGetDevicePointer");
   doorbell_device_ = base;
   done_device_ = base + 64 * sizeof(uint32_t);
-  dispatcher_ = std::make_unique<HandoffDispatcher>(flags_, flags_ + 64);
+  dispatcher_ = std::make_unique<HandoffDispatcher>(flags_, flags_ + 64,
+                                                    env_int("NEO_CPU_SPIN_US", default_spin_us()));
   checked_streams_.insert(xla_stream);
 }
 
@@ -157,12 +160,12 @@ void CudaHandoff::ring_doorbell(const Call& call) {
         "cuStreamWriteValue32");
 }
 
-void CudaHandoff::start_attention(CUstream xla, std::shared_ptr<HostKvPool> pool,
-                                  const AttentionShape& shape,
-                                  const std::vector<ffi::AnyBuffer>& operands, void* token) {
+void CudaHandoff::start_attention(CUstream xla, std::shared_ptr<HostKvPool> pool, const AttentionShape& shape,
+                                  ffi::AnyBuffer rows, ffi::AnyBuffer layer, ffi::AnyBuffer requests, void* token) {
   std::lock_guard<std::mutex> lock(mutex_);
   enter(xla);
   StagingLayout layout;
+  std::vector<ffi::AnyBuffer> operands{rows, layer, requests};
   std::vector<size_t> offsets;
   for (const ffi::AnyBuffer& operand : operands) offsets.push_back(layout.add(operand.size_bytes()));
   size_t operand_bytes = layout.size();
@@ -185,14 +188,10 @@ void CudaHandoff::start_attention(CUstream xla, std::shared_ptr<HostKvPool> pool
         "cuStreamWriteValue32");
 
   char* host = call->staging.host;
-  AttentionOperands staged{host + offsets[0],
-                           host + offsets[1],
-                           host + offsets[2],
-                           reinterpret_cast<const int32_t*>(host + offsets[3]),
-                           reinterpret_cast<const int32_t*>(host + offsets[4]),
-                           reinterpret_cast<const int32_t*>(host + offsets[5]),
-                           reinterpret_cast<const int32_t*>(host + offsets[6]),
-                           host + out_offset};
+  AttentionOperands staged = unpack_attention_operands(shape, host + offsets[0],
+                                                       reinterpret_cast<const int32_t*>(host + offsets[1]),
+                                                       reinterpret_cast<const int32_t*>(host + offsets[2]),
+                                                       host + out_offset);
   dispatcher_->submit(call->seq, [pool, shape, staged] { return run_attention(*pool, shape, staged); });
   call->awaiting_wait = true;
   awaiting_wait_[token] = call;

@@ -2,7 +2,8 @@
 // call's thunk, long before the GPU gets there, so every handler only enqueues work and gives the
 // call its own sequence number and staging buffers; nothing is decided at execution time.
 //
-//   start:  XLA's stream copies the operands (a few KB per request) into one device staging buffer,
+//   start:  XLA's stream copies the three operands (a few KB per request; the caller packs q, k and v into
+//           one and the request table into another) into one device staging buffer,
 //           so XLA may reuse their buffers at once: a scan carry or a copy XLA inserts cannot hand the
 //           side stream a stale buffer. XLA's stream then records an event; the to-host side stream
 //           waits on it, copies the staged operands to pinned memory in one piece and rings the
@@ -55,7 +56,7 @@ class CudaHandoff {
   static std::vector<CudaHandoff*> existing();
 
   void start_attention(CUstream xla, std::shared_ptr<HostKvPool> pool, const AttentionShape& shape,
-                       const std::vector<ffi::AnyBuffer>& operands, void* token);
+                       ffi::AnyBuffer rows, ffi::AnyBuffer layer, ffi::AnyBuffer requests, void* token);
   void wait_attention(CUstream xla, const void* token,
                       ffi::AnyBuffer out);
   void store(CUstream xla, std::shared_ptr<HostKvPool> pool, ffi::AnyBuffer k_rows,

@@ -37,18 +37,14 @@ void throw_if(const std::string& error) {
   if (!error.empty()) throw std::invalid_argument(error);
 }
 
-ffi::Error attention_start(ffi::AnyBuffer q, ffi::AnyBuffer k_new, ffi::AnyBuffer v_new,
-                           ffi::AnyBuffer layer, ffi::AnyBuffer slot_mapping,
-                           ffi::AnyBuffer block_tables, ffi::AnyBuffer context_lens, ffi::AnyBuffer,
-                           ffi::Result<ffi::AnyBuffer> token, int64_t pool_id, CUstream stream) {
+ffi::Error attention_start(ffi::AnyBuffer rows, ffi::AnyBuffer layer, ffi::AnyBuffer requests, ffi::AnyBuffer,
+                           ffi::Result<ffi::AnyBuffer> token, int64_t pool_id, int64_t num_reqs,
+                           int64_t num_q_heads, std::string_view q_dtype, CUstream stream) {
   return guarded("cpu_attention_start", [&] {
     std::shared_ptr<HostKvPool> pool = pool_or_throw("cpu_attention_start", pool_id);
     AttentionShape shape;
-    throw_if(check_attention_operands(*pool, q, k_new, v_new, layer, slot_mapping, block_tables,
-                                      context_lens, &shape));
-    handoff(stream).start_attention(stream, pool, shape,
-                                    {q, k_new, v_new, layer, slot_mapping, block_tables, context_lens},
-                                    token->untyped_data());
+    throw_if(check_attention_operands(*pool, rows, layer, requests, num_reqs, num_q_heads, q_dtype, &shape));
+    handoff(stream).start_attention(stream, pool, shape, rows, layer, requests, token->untyped_data());
   });
 }
 

@@ -24,8 +24,8 @@ inline void cpu_relax() {
 
 }  // namespace
 
-HandoffDispatcher::HandoffDispatcher(const uint32_t* doorbell, uint32_t* done)
-    : doorbell_(doorbell), done_(done), last_submitted_(__atomic_load_n(done, __ATOMIC_ACQUIRE)) {
+HandoffDispatcher::HandoffDispatcher(const uint32_t* doorbell, uint32_t* done, int spin_us)
+    : doorbell_(doorbell), done_(done), last_submitted_(__atomic_load_n(done, __ATOMIC_ACQUIRE)), spin_us_(spin_us) {
   thread_ = std::thread([this] { loop(); });
 }
 
@@ -35,6 +35,7 @@ void HandoffDispatcher::submit(uint32_t seq, std::function<std::string()> work) 
   {
     std::lock_guard<std::mutex> lock(mutex_);
     queue_.push_back(Queued{seq, std::move(work)});
+    queue_size_.store(queue_.size(), std::memory_order_release);
     last_submitted_ = seq;
   }
   queued_.notify_one();
@@ -87,8 +88,15 @@ bool HandoffDispatcher::wait_for_doorbell(uint32_t seq) {
   }
 }
 
+void HandoffDispatcher::poll_queue() const {
+  Clock::time_point until = after(spin_us_ * 1e-6);
+  while (queue_size_.load(std::memory_order_acquire) == 0 && !stopping_ && Clock::now() < until)
+    for (int i = 0; i < 64; ++i) cpu_relax();
+}
+
 void HandoffDispatcher::loop() {
   for (;;) {
+    poll_queue();
     Queued call;
     {
       std::unique_lock<std::mutex> lock(mutex_);
@@ -96,6 +104,7 @@ void HandoffDispatcher::loop() {
       if (queue_.empty()) return;
       call = std::move(queue_.front());
       queue_.pop_front();
+      queue_size_.store(queue_.size(), std::memory_order_release);
     }
     if (!wait_for_doorbell(call.seq)) {
       std::lock_guard<std::mutex> lock(mutex_);

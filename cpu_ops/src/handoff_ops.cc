@@ -120,36 +120,48 @@ std::shared_ptr<HostKvPool> pool_for_call(const char* op, int64_t pool_id, std::
   return pool;
 }
 
-std::string check_attention_operands(const HostKvPool& pool, ffi::AnyBuffer q, ffi::AnyBuffer k_new,
-                                     ffi::AnyBuffer v_new, ffi::AnyBuffer layer,
-                                     ffi::AnyBuffer slot_mapping, ffi::AnyBuffer block_tables,
-                                     ffi::AnyBuffer context_lens, AttentionShape* shape) {
+std::string check_attention_operands(const HostKvPool& pool, ffi::AnyBuffer rows, ffi::AnyBuffer layer,
+                                     ffi::AnyBuffer requests, int64_t num_reqs, int64_t num_q_heads,
+                                     std::string_view q_dtype, AttentionShape* shape) {
   const char* op = "cpu_attention_start";
   const PagedKvCache& kv = pool.geometry();
-  if (q.dimensions().size() != 3 || !to_dtype(q.element_type(), &shape->q_dtype) ||
-      shape->q_dtype == DType::kInt32 || q.dimensions()[2] != kv.head_dim)
-    return std::string(op) + ": q must be a float [num_reqs, num_q_heads, " +
-           std::to_string(kv.head_dim) + "] array, got " + shape_text(q);
-  shape->num_reqs = q.dimensions()[0];
-  shape->num_q_heads = q.dimensions()[1];
-  if (shape->num_q_heads <= 0 || shape->num_q_heads % kv.num_kv_heads != 0)
-    return std::string(op) + ": q has " + std::to_string(shape->num_q_heads) +
+  bool known_dtype = false;
+  for (DType dtype : {DType::kFloat32, DType::kFloat16, DType::kBFloat16})
+    if (q_dtype == dtype_name(dtype)) {
+      shape->q_dtype = dtype;
+      known_dtype = true;
+    }
+  if (!known_dtype) return std::string(op) + ": q_dtype must be float32, float16 or bfloat16, got " + std::string(q_dtype);
+  if (num_reqs < 0) return std::string(op) + ": num_reqs must be >= 0, got " + std::to_string(num_reqs);
+  if (num_q_heads <= 0 || num_q_heads % kv.num_kv_heads != 0)
+    return std::string(op) + ": q has " + std::to_string(num_q_heads) +
            " heads, not a positive multiple of the pool's " + std::to_string(kv.num_kv_heads) + " kv heads";
+  shape->num_reqs = num_reqs;
+  shape->num_q_heads = num_q_heads;
+  shape->num_kv_heads = kv.num_kv_heads;
   shape->head_dim = kv.head_dim;
-  shape->max_blocks_per_req =
-      block_tables.dimensions().size() == 2 ? block_tables.dimensions()[1] : -1;
-  int64_t n = shape->num_reqs;
-  std::string rows = "[num_reqs, " + std::to_string(kv.num_kv_heads) + ", " + std::to_string(kv.head_dim) + "]";
-  for (std::string error :
-       {expect(op, "k_new", k_new, kv.dtype, {n, kv.num_kv_heads, kv.head_dim}, rows.c_str()),
-        expect(op, "v_new", v_new, kv.dtype, {n, kv.num_kv_heads, kv.head_dim}, rows.c_str()),
-        expect(op, "layer", layer, DType::kInt32, {}, "[]"),
-        expect(op, "slot_mapping", slot_mapping, DType::kInt32, {n}, "[num_reqs]"),
-        expect(op, "block_tables", block_tables, DType::kInt32, {n, -1}, "[num_reqs, max_blocks]"),
-        expect(op, "context_lens", context_lens, DType::kInt32, {n}, "[num_reqs]")}) {
-    if (!error.empty()) return error;
-  }
-  return "";
+  shape->kv_dtype = kv.dtype;
+  int64_t requests_size = requests.dimensions().size() == 1 ? requests.dimensions()[0] : -1;
+  bool requests_fit = requests.element_type() == ffi::DataType::S32 && requests_size >= 2 * num_reqs &&
+                      (num_reqs == 0 ? requests_size == 0 : requests_size % num_reqs == 0);
+  if (!requests_fit)
+    return std::string(op) + ": requests must be int32 [num_reqs * (2 + max_blocks)] (slot_mapping, "
+           "context_lens, block_tables) for num_reqs = " + std::to_string(num_reqs) + ", got " + shape_text(requests);
+  shape->max_blocks_per_req = num_reqs == 0 ? 0 : requests_size / num_reqs - 2;
+  int64_t rows_bytes = static_cast<int64_t>(shape->rows_bytes());
+  if (rows.element_type() != ffi::DataType::U8 || rows.dimensions().size() != 1 || rows.dimensions()[0] != rows_bytes)
+    return std::string(op) + ": rows must be uint8 [" + std::to_string(rows_bytes) + "] (q, k_new and v_new of " +
+           std::to_string(num_reqs) + " requests, " + std::to_string(num_q_heads) + " q heads in " +
+           std::string(q_dtype) + ", " + std::to_string(kv.num_kv_heads) + " kv heads in " + dtype_name(kv.dtype) +
+           "), got " + shape_text(rows);
+  return expect(op, "layer", layer, DType::kInt32, {}, "[]");
+}
+
+AttentionOperands unpack_attention_operands(const AttentionShape& shape, const char* rows, const int32_t* layer,
+                                            const int32_t* requests, void* out) {
+  int64_t n = shape.num_reqs;
+  return AttentionOperands{rows, rows + shape.q_bytes(), rows + shape.q_bytes() + shape.kv_bytes(),
+                           layer, requests, requests + 2 * n, requests + n, out};
 }
 
 std::string check_kv_rows_operands(const char* op, const HostKvPool& pool, ffi::AnyBuffer k_rows,

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
 
 #include "host_pool.h"
 #include "xla/ffi/api/ffi.h"
@@ -22,10 +23,15 @@ namespace ffi = xla::ffi;
 struct AttentionShape {
   int64_t num_reqs = 0;
   int64_t num_q_heads = 0;
+  int64_t num_kv_heads = 0;
   int64_t head_dim = 0;
   int64_t max_blocks_per_req = 0;
   DType q_dtype = DType::kFloat32;  // of q and the output
+  DType kv_dtype = DType::kFloat32;
   size_t q_bytes() const { return num_reqs * num_q_heads * head_dim * dtype_bytes(q_dtype); }
+  size_t kv_bytes() const { return num_reqs * num_kv_heads * head_dim * dtype_bytes(kv_dtype); }
+  size_t rows_bytes() const { return q_bytes() + 2 * kv_bytes(); }
+  int64_t requests_size() const { return num_reqs * (2 + max_blocks_per_req); }
 };
 
 struct AttentionOperands {
@@ -53,10 +59,12 @@ std::shared_ptr<HostKvPool> pool_for_call(const char* op, int64_t pool_id, std::
 
 // Shapes and dtypes of the FFI operands against the pool ("" when fine, else an error naming the
 // operand); contents are checked by the run_* functions.
-std::string check_attention_operands(const HostKvPool& pool, ffi::AnyBuffer q, ffi::AnyBuffer k_new,
-                                     ffi::AnyBuffer v_new, ffi::AnyBuffer layer,
-                                     ffi::AnyBuffer slot_mapping, ffi::AnyBuffer block_tables,
-                                     ffi::AnyBuffer context_lens, AttentionShape* shape);
+std::string check_attention_operands(const HostKvPool& pool, ffi::AnyBuffer rows, ffi::AnyBuffer layer,
+                                     ffi::AnyBuffer requests, int64_t num_reqs, int64_t num_q_heads,
+                                     std::string_view q_dtype, AttentionShape* shape);
+// The operands inside the packed rows and requests (see handoff.h), the output at out.
+AttentionOperands unpack_attention_operands(const AttentionShape& shape, const char* rows, const int32_t* layer,
+                                            const int32_t* requests, void* out);
 std::string check_kv_rows_operands(const char* op, const HostKvPool& pool, ffi::AnyBuffer k_rows,
                                    ffi::AnyBuffer v_rows, ffi::AnyBuffer layer,
                                    ffi::AnyBuffer slot_mapping);

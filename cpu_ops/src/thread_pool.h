@@ -88,11 +88,14 @@ class ThreadPool {
 // The physical cores this process may use, or half of them on a machine with a CUDA GPU.
 int default_num_threads();
 
+// How long idle workers poll before they sleep: 200 us, or 20 ms on a machine with a CUDA GPU.
+int default_spin_us();
+
 // The environment variable `name` as an integer in [1, 2**20), else `fallback`.
 int env_int(const char* name, int fallback);
 
 // The process-wide pool: NEO_CPU_THREADS threads (default: default_num_threads()),
-// pinned, idle workers polling NEO_CPU_SPIN_US microseconds (default 200) before they sleep.
+// pinned, idle workers polling NEO_CPU_SPIN_US microseconds (default: default_spin_us()) before they sleep.
 ThreadPool& default_thread_pool();
 
 }  // namespace neo

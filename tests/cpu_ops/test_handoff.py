@@ -38,7 +38,8 @@ def decode_batch(rng, context_lens):
 
 
 @pytest.mark.parametrize("kv_dtype,q_dtype", [(ml_dtypes.bfloat16, ml_dtypes.bfloat16),
-                                              (np.float32, np.float32)])
+                                              (np.float32, np.float32),
+                                              (ml_dtypes.bfloat16, np.float32)])  # packed side by side
 def test_scan_over_layers_matches_numpy_op(kv_dtype, q_dtype):
     rng = np.random.default_rng(0)
     pool = make_pool(kv_dtype, rng)
@@ -191,15 +192,33 @@ def test_start_rejects_bad_shapes(changes, match):
         handoff.cpu_attention_start(pool, **start_args(**changes))
 
 
-def test_handlers_check_shapes_themselves():
+def raw_start(pool, rows, requests, num_reqs=2, num_q_heads=NUM_Q_HEADS, q_dtype="float32"):
+    """The start's custom call on packed operands, past cpu_attention_start's own checks."""
+    call = jax.ffi.ffi_call("neo_cpu_attention_start", jax.ShapeDtypeStruct((), jnp.int32), has_side_effect=True)
+    return call(rows, jnp.zeros((), jnp.int32), requests, jnp.zeros((), jnp.int32), pool_id=np.int64(pool.pool_id),
+                num_reqs=np.int64(num_reqs), num_q_heads=np.int64(num_q_heads), q_dtype=q_dtype)
+
+
+ROWS_BYTES = 2 * (NUM_Q_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM * 4  # two float32 requests
+REQUESTS = jnp.zeros((2 * (2 + MAX_BLOCKS),), jnp.int32)
+
+
+@pytest.mark.parametrize("rows,requests,attributes,match", [
+    (jnp.zeros((ROWS_BYTES + 4,), jnp.uint8), REQUESTS, {},
+     rf"rows must be uint8 \[{ROWS_BYTES}\] \(q, k_new and v_new of 2 requests, 8 q heads in float32, 2 kv heads "
+     rf"in float32\), got \[{ROWS_BYTES + 4}\]"),
+    (jnp.zeros((ROWS_BYTES // 4,), jnp.float32), REQUESTS, {}, "rows must be uint8"),
+    (jnp.zeros((ROWS_BYTES,), jnp.uint8), REQUESTS[:-1], {},
+     r"requests must be int32 \[num_reqs \* \(2 \+ max_blocks\)\] .* for num_reqs = 2, got \[11\]"),
+    (jnp.zeros((ROWS_BYTES,), jnp.uint8), REQUESTS, dict(num_q_heads=3), "q has 3 heads"),
+    (jnp.zeros((ROWS_BYTES,), jnp.uint8), REQUESTS, dict(q_dtype="int8"), "q_dtype must be"),
+    (jnp.zeros((ROWS_BYTES,), jnp.uint8), REQUESTS, dict(num_reqs=-1), "num_reqs must be >= 0"),
+])
+def test_handlers_check_the_packed_operands_themselves(rows, requests, attributes, match):
     pool = handoff.HostKvPool(1, NUM_BLOCKS, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM, np.float32)
-    args = start_args()
-    args["k_new"] = jnp.zeros((2, NUM_KV_HEADS + 1, HEAD_DIM), jnp.float32)
-    call = jax.ffi.ffi_call("neo_cpu_attention_start", jax.ShapeDtypeStruct((), jnp.int32),
-                            has_side_effect=True)
-    operands = [jnp.asarray(value) for value in args.values()] + [jnp.zeros((), jnp.int32)]  # + dep
-    with pytest.raises(Exception, match=r"k_new must be float32 \[num_reqs, 2, 64\], got float32 \[2, 3, 64\]"):
-        jax.block_until_ready(call(*operands, pool_id=np.int64(pool.pool_id)))
+    with pytest.raises(Exception, match=match):
+        jax.block_until_ready(raw_start(pool, rows, requests, **attributes))
+    assert not pool.k_cache.any()
 
 
 @pytest.mark.parametrize("changes,match", [

@@ -211,8 +211,8 @@ def test_gpu_attention_reads_the_tokens_of_the_starts_it_overlaps(share):
     for line in lines:
         if 'custom_call_target="neo_cpu_attention_start"' in line:
             name = instruction_name(line)
-            rows = int(re.search(r"constraints=\{f32\[(\d+),", line).group(1))
-            starts[rows, constants[operands[name][3]]] = name  # operand 3: the layer
+            rows = int(re.search(r"num_reqs = (\d+)", line).group(1))
+            starts[rows, constants[operands[name][1]]] = name  # operand 1: the layer
     attentions = [instruction_name(line) for line in lines
                   if 'custom_call_target="neo_paged_decode_attention"' in line]
     assert len(attentions) == num_layers
