@@ -7,12 +7,14 @@ import argparse
 import collections
 import dataclasses
 import json
+import math
 import os
+import pathlib
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TypeVar
 
 import jax
 import numpy as np
@@ -23,37 +25,110 @@ from neo_jax.cost_model import DTYPE_BYTES, MachineId
 from neo_jax.cpu_ops import cpu_isa, read_bandwidth_probe
 from neo_jax.engine import LLMEngine
 from neo_jax.model_runner import num_step_compilations, num_xla_compilations
+from neo_jax.models.config import SUPPORTED_DTYPES, get_config
 from neo_jax.sampling_params import SamplingParams
 from neo_jax.sequence import Request
+from neo_jax.step_plan import POLICIES
+
+T = TypeVar("T")
+
+
+def checked_type(convert: Callable[[str], T], accept: Callable[[T], bool], requirement: str,
+                 name: str) -> Callable[[str], T]:
+    """An argparse `type=`: `convert` the text, then refuse a value that `accept` rejects, saying it `requirement`
+    (argparse prefixes the argument's name and exits with status 2)."""
+
+    def parse(text: str) -> T:
+        value = convert(text)
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
+        return value
+
+    parse.__name__ = name  # argparse's "invalid <name> value" when `convert` itself fails
+    return parse
+
+
+positive_int = checked_type(int, lambda value: value > 0, "a positive integer", "positive_int")
+nonnegative_int = checked_type(int, lambda value: value >= 0, "an integer >= 0", "nonnegative_int")
+positive_float = checked_type(float, lambda value: 0 < value < math.inf, "a positive finite number", "positive_float")
+# inf sends every request at once; nan would wait forever for the first arrival.
+request_rate = checked_type(float, lambda value: value > 0, "a positive number or inf", "request_rate")
+range_ratio = checked_type(float, lambda value: 0 <= value < 1, "in [0, 1)", "range_ratio")
+memory_fraction = checked_type(float, lambda value: 0 < value <= 1, "in (0, 1]", "memory_fraction")
+uint32 = checked_type(int, lambda value: 0 <= value < 2**32, "in [0, 2**32)", "uint32")
+
+
+def output_file(text: str) -> str:
+    """An argparse `type=` of a file the run writes at its end: its directory is created now, so that a run
+    never ends unable to write its results."""
+    path = pathlib.Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot create the directory of {text!r}: {error.strerror}") from error
+    return text
+
+
+def existing_path(text: str) -> pathlib.Path:
+    """An argparse `type=` of a file or directory that must already exist."""
+    path = pathlib.Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text!r} does not exist")
+    return path
+
+
+def existing_file(text: str) -> str:
+    """An argparse `type=` of a file that must already exist."""
+    if not existing_path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file")
+    return text
+
+
+def option_error(parser: argparse.ArgumentParser, error: ValueError) -> NoReturn:
+    """Exits as argparse does (status 2) with the engine's `error`, whose leading `field:` (an EngineConfig field,
+    as `--max-model-len` sets `max_model_len`) becomes `argument --field:`."""
+    field, colon, rest = str(error).partition(": ")
+    if colon and field.isidentifier():
+        parser.error(f"argument --{field.replace('_', '-')}: {rest}")
+    parser.error(str(error))
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the engine's config that decide its schedule, and --output-json."""
     parser.add_argument("--model", default="tiny", help="preset name or HF checkpoint directory")
-    parser.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: the model's)")
-    parser.add_argument("--policy", default="gpu-only")
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--gpu-kv-cache-gb", type=float, default=None)
-    parser.add_argument("--cpu-kv-cache-gb", type=float, default=None, help="host KV pool size (GiB)")
-    parser.add_argument("--cost-table", default=None, help="cost model JSON (default: the profiled table of "
-                        "this model and machine, see scripts/profile.py)")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the weights and KV cache split over")
+    parser.add_argument("--dtype", default=None, choices=SUPPORTED_DTYPES, help="default: the model's")
+    parser.add_argument("--policy", default="gpu-only", choices=POLICIES)
+    parser.add_argument("--max-model-len", type=positive_int, default=None)
+    parser.add_argument("--gpu-kv-cache-gb", type=positive_float, default=None)
+    parser.add_argument("--cpu-kv-cache-gb", type=positive_float, default=None, help="host KV pool size (GiB)")
+    parser.add_argument("--cost-table", type=existing_file, default=None, help="cost model JSON (default: the "
+                        "profiled table of this model and machine, see scripts/profile.py)")
+    parser.add_argument("--gpu-memory-utilization", type=memory_fraction, default=0.9)
+    parser.add_argument("--max-num-seqs", type=positive_int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=positive_int, default=2048)
+    parser.add_argument("--block-size", type=positive_int, default=16)
+    parser.add_argument("--seed", type=uint32, default=0)
+    parser.add_argument("--tensor-parallel-size", type=positive_int, default=1,
+                        help="GPUs the weights and KV cache split over")
+    parser.add_argument("--scenario", default=None, help="name of the setting in plots (default: model and KV sizes)")
+    parser.add_argument("--output-json", type=output_file, default=None, help="write the results here")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a run of the engine itself (not of a schedule's simulation)."""
     parser.add_argument("--no-async-scheduling", action="store_true",
                         help="fetch each step's tokens before scheduling the next (default: overlap them)")
-    parser.add_argument("--scenario", default=None, help="name of the setting in plots (default: model and KV sizes)")
-    parser.add_argument("--bandwidth-probe-mb", type=int, default=1024, help="MiB the host read-bandwidth probe reads")
-    parser.add_argument("--output-json", default=None, help="write the results here")
+    parser.add_argument("--bandwidth-probe-mb", type=positive_int, default=1024,
+                        help="MiB the host read-bandwidth probe reads")
 
 
 def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--num-prompts", type=int, default=64)
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=32)
-    parser.add_argument("--range-ratio", type=float, default=0.0, help="lengths uniform in len*(1 +- ratio)")
+    parser.add_argument("--num-prompts", type=positive_int, default=64)
+    parser.add_argument("--input-len", type=positive_int, default=128)
+    parser.add_argument("--output-len", type=positive_int, default=32)
+    parser.add_argument("--range-ratio", type=range_ratio, default=0.0, help="lengths uniform in len*(1 +- ratio)")
 
 
 @dataclasses.dataclass
@@ -72,13 +147,42 @@ class Workload:
         return cls(random_prompts(input_lens, vocab_size, rng), input_lens, output_lens)
 
 
-def engine_from_args(args: argparse.Namespace) -> LLMEngine:
-    return LLMEngine(EngineConfig(
-        model=args.model, dtype=args.dtype, policy=args.policy, max_model_len=args.max_model_len,
-        gpu_kv_cache_gb=args.gpu_kv_cache_gb, gpu_memory_utilization=args.gpu_memory_utilization,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        cpu_kv_cache_gb=args.cpu_kv_cache_gb, cost_table=args.cost_table, block_size=args.block_size, seed=args.seed,
-        tensor_parallel_size=args.tensor_parallel_size, async_scheduling=not args.no_async_scheduling))
+def engine_config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                            **options: Any) -> EngineConfig:
+    """The engine's config from `add_engine_arguments`' options and `options` (EngineConfig fields)."""
+    try:
+        return EngineConfig(
+            model=args.model, dtype=args.dtype, policy=args.policy, max_model_len=args.max_model_len,
+            gpu_kv_cache_gb=args.gpu_kv_cache_gb, gpu_memory_utilization=args.gpu_memory_utilization,
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            cpu_kv_cache_gb=args.cpu_kv_cache_gb, cost_table=args.cost_table, block_size=args.block_size,
+            seed=args.seed, tensor_parallel_size=args.tensor_parallel_size, **options)
+    except ValueError as error:
+        option_error(parser, error)
+
+
+def checked_workload(parser: argparse.ArgumentParser, args: argparse.Namespace, config: EngineConfig) -> Workload:
+    """The workload of `add_workload_arguments`' options, drawn before any model loads: a prompt longer than
+    max_model_len, which the engine rejects (`LLMEngine.prompt_error`), is an error on --input-len."""
+    try:
+        model_config = get_config(config.model)
+        max_model_len = config.resolved_max_model_len(model_config)
+    except ValueError as error:
+        option_error(parser, error)
+    workload = Workload.from_args(args, model_config.vocab_size)
+    longest = max(workload.input_lens)
+    if longest > max_model_len:
+        parser.error(f"argument --input-len: a prompt of {longest} tokens is longer than "
+                     f"max_model_len={max_model_len}, which the engine rejects")
+    return workload
+
+
+def engine_from_config(parser: argparse.ArgumentParser, config: EngineConfig) -> LLMEngine:
+    """The engine; sizes that its loaded model or the machine cannot take are argument errors too."""
+    try:
+        return LLMEngine(config)
+    except ValueError as error:
+        option_error(parser, error)
 
 
 def scenario_name(args: argparse.Namespace) -> str:
@@ -223,9 +327,25 @@ def machine_info() -> dict[str, Any]:
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
 
 
+def json_safe(value: Any) -> Any:
+    """`value` with each infinite or NaN float as the string "inf", "-inf" or "nan", as vLLM writes
+    `"request_rate": "inf"`: standard JSON has no such numbers (`float()` reads the strings back); paths as
+    strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, pathlib.PurePath):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
 def write_json(path: str | None, results: dict[str, Any], echo: bool = True) -> None:
+    text = json.dumps(json_safe(results), indent=2, allow_nan=False)
     if echo:
-        print(json.dumps(results, indent=2))
+        print(text)
     if path:
         with open(path, "w") as f:
-            json.dump(results, f, indent=2)
+            f.write(text)

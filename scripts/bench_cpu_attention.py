@@ -30,7 +30,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import machine_info, write_json  # noqa: E402
+from bench_common import (  # noqa: E402
+    machine_info, nonnegative_int, output_file, positive_float, positive_int, write_json,
+)
 
 from neo_jax import cpu_ops  # noqa: E402
 
@@ -38,37 +40,56 @@ DTYPES = {"bfloat16": (ml_dtypes.bfloat16, torch.bfloat16), "float16": (np.float
           "float32": (np.float32, torch.float32)}
 GOAL_MIN_REQUESTS, GOAL_MIN_CONTEXT = 64, 1024
 GOAL_FRACTION_OF_READ, GOAL_SPEEDUP_VS_TORCH = 0.85, 2.0
+# --quick's defaults: what an option given explicitly still overrides.
+QUICK_DEFAULTS = {"requests": [1, 4, 16], "contexts": [128, 1024], "num_q_heads": 8, "num_kv_heads": 2,
+                  "max_kv_gb": 0.5, "probe_gb": 0.25, "seconds_per_cell": 0.02}
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
-    parser.add_argument("--contexts", type=int, nargs="+",
+    parser.add_argument("--requests", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
+    parser.add_argument("--contexts", type=positive_int, nargs="+",
                         default=[128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768])
-    parser.add_argument("--num-q-heads", type=int, default=32)
-    parser.add_argument("--num-kv-heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--num-q-heads", type=positive_int, default=32)
+    parser.add_argument("--num-kv-heads", type=positive_int, default=8)
+    parser.add_argument("--head-dim", type=positive_int, default=128)
+    parser.add_argument("--block-size", type=positive_int, default=16)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="of K/V, q and the output")
-    parser.add_argument("--max-kv-gb", type=float, default=24.0, help="skip cells whose K/V exceed this")
-    parser.add_argument("--probe-gb", type=float, default=4.0, help="array size of the read-bandwidth probe")
-    parser.add_argument("--seconds-per-cell", type=float, default=0.1, help="timing budget per measurement")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--max-kv-gb", type=positive_float, default=24.0, help="skip cells whose K/V exceed this")
+    parser.add_argument("--probe-gb", type=positive_float, default=4.0, help="array size of the read-bandwidth probe")
+    parser.add_argument("--seconds-per-cell", type=positive_float, default=0.1, help="timing budget per measurement")
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="default: NEO_CPU_THREADS, else every physical core (the op alone keeps half of them "
                         "free on a machine with a CUDA GPU, for the engine's other threads)")
-    parser.add_argument("--isa", default=None, help="force a kernel (default: the CPU's best)")
+    parser.add_argument("--isa", default=None, choices=cpu_ops.available_isas(),
+                        help="force a kernel (default: the CPU's best)")
     parser.add_argument("--huge-pages", action="store_true", help="back the K/V pool with transparent huge pages")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="small shapes and grid, for a CPU smoke run")
-    parser.add_argument("--output-json", default=None)
-    args = parser.parse_args()
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"small shapes and grid, for a CPU smoke run: the defaults become {QUICK_DEFAULTS}")
+    parser.add_argument("--output-json", type=output_file, default=None)
+    args = parser.parse_args(argv)
     if args.quick:
-        args.requests, args.contexts = [1, 4, 16], [128, 1024]
-        args.num_q_heads, args.num_kv_heads = 8, 2
-        args.max_kv_gb, args.probe_gb, args.seconds_per_cell = 0.5, 0.25, 0.02
+        parser.set_defaults(**QUICK_DEFAULTS)
+        args = parser.parse_args(argv)
     if any(context % args.block_size for context in args.contexts):
         parser.error("--contexts must be multiples of --block-size")
+    if args.num_q_heads % args.num_kv_heads:
+        parser.error("--num-q-heads must be a multiple of --num-kv-heads")
+    if not fitting_cells(args):
+        parser.error("--max-kv-gb leaves no (requests, context) cell to run")
     return args
+
+
+def token_bytes(args: argparse.Namespace) -> int:
+    """K and V bytes of one token."""
+    _, torch_dtype = DTYPES[args.dtype]
+    return 2 * args.num_kv_heads * args.head_dim * torch.empty((), dtype=torch_dtype).element_size()
+
+
+def fitting_cells(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """The (requests, context) cells whose K/V fit in --max-kv-gb."""
+    return [(r, c) for r in args.requests for c in args.contexts if r * c * token_bytes(args) <= args.max_kv_gb * 1e9]
 
 
 def timed(call: Callable[[], Any], seconds_budget: float) -> tuple[float, float, int]:
@@ -177,8 +198,8 @@ def print_table(title: str, cells: list[dict[str, Any]], value: Callable[[dict[s
         print(f"{r:>5} " + " ".join(f"{text:>7}" for text in row))
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.threads is None and "NEO_CPU_THREADS" not in os.environ:
         args.threads = cpu_ops.physical_cores()
     if args.threads is not None:
@@ -187,11 +208,7 @@ def main() -> None:
     torch.set_num_threads(threads)
     rng = np.random.default_rng(args.seed)
     _, torch_dtype = DTYPES[args.dtype]
-    element_bytes = torch.empty((), dtype=torch_dtype).element_size()
-    token_bytes = 2 * args.num_kv_heads * args.head_dim * element_bytes  # K and V of one token
-    grid = [(r, c) for r in args.requests for c in args.contexts if r * c * token_bytes <= args.max_kv_gb * 1e9]
-    if not grid:
-        raise ValueError("--max-kv-gb leaves no (requests, context) cell to run")
+    grid = fitting_cells(args)
     num_blocks = max(r * -(-c // args.block_size) for r, c in grid) + 1
     pool_shape = (num_blocks, args.num_kv_heads, args.block_size, args.head_dim)
     print(f"{threads} threads, isa {args.isa or cpu_ops.cpu_isa()}, chunks of {cpu_ops.chunk_tokens()} tokens, "

@@ -12,7 +12,6 @@ offsets vs sliced per layer, to show whether slicing a layer out of the loop-car
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -24,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import machine_info, write_json  # noqa: E402
+from bench_common import machine_info, output_file, positive_int, write_json  # noqa: E402
 
 from neo_jax.kernels.paged_attention import (paged_decode_attention_cuda,  # noqa: E402
                                              paged_decode_attention_reference)
@@ -165,25 +164,25 @@ def bench_layer_scan(key: jax.Array, args: argparse.Namespace) -> dict:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
-    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
-    parser.add_argument("--num-heads", type=int, default=32)
-    parser.add_argument("--num-kv-heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--bytes-per-program", type=int, default=1 << 32,
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=positive_int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--contexts", type=positive_int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--num-heads", type=positive_int, default=32)
+    parser.add_argument("--num-kv-heads", type=positive_int, default=8)
+    parser.add_argument("--head-dim", type=positive_int, default=128)
+    parser.add_argument("--block-size", type=positive_int, default=16)
+    parser.add_argument("--bytes-per-program", type=positive_int, default=1 << 32,
                         help="K/V bytes the calls of one timed program read (4 to 16 calls)")
-    parser.add_argument("--partition-sweep", type=int, nargs="*", default=[4, 8, 16, 32],
+    parser.add_argument("--partition-sweep", type=positive_int, nargs="*", default=[4, 8, 16, 32],
                         help="also time the kernel with these KV blocks per split at the sweep shapes")
     parser.add_argument("--sweep-shapes", nargs="*", default=["1x4096", "16x1024", "256x1024"],
                         help="batch x context shapes of the partition sweep")
-    parser.add_argument("--scan-layers", type=int, default=8)
-    parser.add_argument("--scan-batch", type=int, default=64)
-    parser.add_argument("--scan-context", type=int, default=1024)
-    parser.add_argument("--output-json", default=None)
-    args = parser.parse_args()
+    parser.add_argument("--scan-layers", type=positive_int, default=8)
+    parser.add_argument("--scan-batch", type=positive_int, default=64)
+    parser.add_argument("--scan-context", type=positive_int, default=1024)
+    parser.add_argument("--output-json", type=output_file, default=None)
+    args = parser.parse_args(argv)
     if jax.default_backend() != "gpu":
         raise SystemExit("bench_gpu_attention.py needs a CUDA GPU")
 
@@ -200,9 +199,7 @@ def main() -> None:
             print(f"batch {batch:4d} x {context:5d}: " + ", ".join(
                 f"{name} {row[name]['us']:.1f} us ({row[name]['pct_of_copy_bandwidth']:.0f}%)"
                 for name in ("kernel", "reference_gather", "contiguous_einsum")), flush=True)
-            if args.output_json:  # keep what is done if a later shape does not finish
-                with open(args.output_json, "w") as f:
-                    json.dump(results, f, indent=2)
+            write_json(args.output_json, results, echo=False)  # keep what is done if a later shape does not finish
     results["layer_scan"] = bench_layer_scan(key, args)
     write_json(args.output_json, results)
 

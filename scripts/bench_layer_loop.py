@@ -13,7 +13,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from bench_common import machine_info, write_json
+from bench_common import machine_info, output_file, positive_int, write_json
 from neo_jax.models import llama
 from neo_jax.models.config import PRESETS
 
@@ -31,12 +31,12 @@ def timed(step: Callable, *args: Any, iters: int = 20) -> dict[str, float]:
     return {"step_ms": (time.perf_counter() - start) / iters * 1e3, "first_call_s": first_call_s}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="llama-3-8b")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
-    parser.add_argument("--output-json")
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama-3-8b", choices=tuple(PRESETS))
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 256])
+    parser.add_argument("--output-json", type=output_file)
+    args = parser.parse_args(argv)
     config = PRESETS[args.model]
     layers = llama.init_params(config, jax.random.key(0))["layers"]
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *layers)

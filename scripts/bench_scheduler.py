@@ -15,7 +15,7 @@ import random
 import statistics
 import time
 
-from bench_common import machine_info, write_json
+from bench_common import machine_info, nonnegative_int, output_file, positive_int, write_json
 from neo_jax.cost_model import MachineId, fallback_cost_model
 from neo_jax.models.config import PRESETS
 from neo_jax.neo_policy import plan_step
@@ -66,13 +66,13 @@ def time_view_building(num_running: int, steps: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-running", type=int, default=512)
-    parser.add_argument("--num-waiting", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--scenarios", type=int, default=50, help="distinct scenarios cycled through")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-running", type=positive_int, default=512)
+    parser.add_argument("--num-waiting", type=nonnegative_int, default=16)
+    parser.add_argument("--steps", type=positive_int, default=2000)
+    parser.add_argument("--scenarios", type=positive_int, default=50, help="distinct scenarios cycled through")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-json", default=None, help="also write the results here")
+    parser.add_argument("--output-json", type=output_file, default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
     cost = fallback_cost_model(PRESETS["llama-3-8b"], model="llama-3-8b", machine=MachineId.current("synthetic"),

@@ -39,7 +39,7 @@ import jax
 import numpy as np
 
 from benchmark_step import GREEDY, make_chunks, profile_step
-from bench_common import machine_info, write_json
+from bench_common import machine_info, output_file, positive_int, write_json
 from neo_jax.batch import ScheduledChunk
 from neo_jax.block_manager import BlockPool, blocks_for
 from neo_jax.config import EngineConfig
@@ -47,6 +47,7 @@ from neo_jax.cpu_ops import paged_decode_attention
 from neo_jax.engine import load_model
 from neo_jax.kv_cache import allocate_host_kv_pool, kv_bytes_per_block
 from neo_jax.model_runner import ModelRunner
+from neo_jax.models.config import SUPPORTED_DTYPES
 from neo_jax.pipeline_batch import KvMove, PipelineSchedule
 from neo_jax.sequence import Request
 
@@ -87,20 +88,20 @@ def swap_moves(gpu_pool: BlockPool, host_pool: BlockPool, num_requests: int, con
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-3-8b")
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--gpu-batch", type=int, default=64)
-    parser.add_argument("--cpu-batches", type=int, nargs="+", default=[1, 4, 8, 16, 64, 128, 256])
-    parser.add_argument("--context", type=int, default=1024)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--host-prefill-lens", type=int, nargs="*", default=[1024, 2048])
-    parser.add_argument("--swap-requests", type=int, nargs="*", default=[1, 4])
+    parser.add_argument("--dtype", default="bfloat16", choices=SUPPORTED_DTYPES)
+    parser.add_argument("--gpu-batch", type=positive_int, default=64)
+    parser.add_argument("--cpu-batches", type=positive_int, nargs="+", default=[1, 4, 8, 16, 64, 128, 256])
+    parser.add_argument("--context", type=positive_int, default=1024)
+    parser.add_argument("--block-size", type=positive_int, default=16)
+    parser.add_argument("--iters", type=positive_int, default=10)
+    parser.add_argument("--host-prefill-lens", type=positive_int, nargs="*", default=[1024, 2048])
+    parser.add_argument("--swap-requests", type=positive_int, nargs="*", default=[1, 4])
     parser.add_argument("--profile", action="store_true", help="trace the one-request steps (device time per kernel)")
     parser.add_argument("--trace-dir", help="with --profile: keep the traces in DIR/batch1, DIR/share, "
                         "DIR/share_one_token, DIR/gpu_only and DIR/host_prefill")
-    parser.add_argument("--output-json")
+    parser.add_argument("--output-json", type=output_file)
     args = parser.parse_args(argv)
     trace_dir = lambda name: args.trace_dir and os.path.join(args.trace_dir, name)
 

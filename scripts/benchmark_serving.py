@@ -26,8 +26,9 @@ import numpy as np
 from tqdm import tqdm
 
 from bench_common import (
-    StepMeter, Workload, add_engine_arguments, add_workload_arguments, compile_ahead, engine_from_args,
-    format_step, greedy, host_read_gb_per_s, machine_info, pool_sizes, scenario_name, write_json,
+    StepMeter, add_engine_arguments, add_run_arguments, add_workload_arguments, checked_workload, compile_ahead,
+    engine_config_from_args, engine_from_config, format_step, greedy, host_read_gb_per_s, machine_info, pool_sizes,
+    positive_float, positive_int, request_rate, scenario_name, write_json,
 )
 from neo_jax.benchmark_metrics import RequestTrace, format_bound, poisson_arrivals, summarize
 from neo_jax.engine import LLMEngine
@@ -81,22 +82,23 @@ def warm_up(engine: LLMEngine, prompts: list[list[int]], output_lens: list[int],
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_arguments(parser)
+    add_run_arguments(parser)
     add_workload_arguments(parser)
-    parser.add_argument("--request-rate", type=float, nargs="+", default=[float("inf")],
+    parser.add_argument("--request-rate", type=request_rate, nargs="+", default=[float("inf")],
                         help="requests per second; several values make a sweep; inf sends all at once")
-    parser.add_argument("--warmup-replays", type=int, default=3,
-                        help="most untimed replays of each rate before its timed run (>= 1)")
+    parser.add_argument("--warmup-replays", type=positive_int, default=3,
+                        help="most untimed replays of each rate before its timed run")
     parser.add_argument("--warmup", choices=("replay", "compile"), default="replay",
                         help="replay each rate untimed, or first compile its dry runs' programs, then replay")
-    parser.add_argument("--warmup-step-ms", type=float, nargs="+", default=[5.0, 10.0, 20.0, 40.0],
+    parser.add_argument("--warmup-step-ms", type=positive_float, nargs="+", default=[5.0, 10.0, 20.0, 40.0],
                         help="with --warmup compile: step durations to dry-run the arrivals at")
-    parser.add_argument("--compile-workers", type=int, default=4, help="with --warmup compile: XLA compiles at once")
+    parser.add_argument("--compile-workers", type=positive_int, default=4,
+                        help="with --warmup compile: XLA compiles at once")
     args = parser.parse_args(argv)
-    if args.warmup_replays < 1:
-        parser.error(f"--warmup-replays: must be >= 1, got {args.warmup_replays}")
 
-    engine = engine_from_args(args)
-    workload = Workload.from_args(args, engine.model_config.vocab_size)
+    config = engine_config_from_args(parser, args, async_scheduling=not args.no_async_scheduling)
+    workload = checked_workload(parser, args, config)
+    engine = engine_from_config(parser, config)
     prompts, output_lens = workload.prompts, workload.output_lens
     host_gb_per_s = host_read_gb_per_s(args.bandwidth_probe_mb)
     runs = []

@@ -24,7 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench_common import machine_info, write_json
+from bench_common import (
+    machine_info, nonnegative_int, output_file, positive_float, positive_int, write_json,
+)
 from neo_jax.batch import ScheduledChunk, pack_step
 from neo_jax.block_manager import BlockPool, blocks_for
 from neo_jax.config import EngineConfig
@@ -32,7 +34,7 @@ from neo_jax.engine import LLMEngine, load_model
 from neo_jax.kv_cache import kv_bytes_per_block
 from neo_jax.model_runner import ModelRunner
 from neo_jax.models import llama
-from neo_jax.models.config import PRESETS
+from neo_jax.models.config import PRESETS, SUPPORTED_DTYPES
 from neo_jax.sampler import pack_sampling
 from neo_jax.sampling_params import SamplingParams
 from neo_jax.sequence import Request
@@ -184,22 +186,24 @@ def check_against_forward(num_tokens: int = 8) -> dict[str, Any]:
     return {"greedy_matches_forward": matches, "ok": all(matches)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-3-8b")
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1, 16, 64])
-    parser.add_argument("--context", type=int, default=1024)
-    parser.add_argument("--prefill-len", type=int, default=2048, help="0 skips the prefill timing")
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--copy-gb", type=float, default=4.0, help="size of the bandwidth probe's array, GiB")
+    parser.add_argument("--dtype", default="bfloat16", choices=SUPPORTED_DTYPES)
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[256, 1, 16, 64])
+    parser.add_argument("--context", type=positive_int, default=1024)
+    parser.add_argument("--prefill-len", type=nonnegative_int, default=2048, help="0 skips the prefill timing")
+    parser.add_argument("--block-size", type=positive_int, default=16)
+    parser.add_argument("--iters", type=positive_int, default=10)
+    parser.add_argument("--copy-gb", type=positive_float, default=4.0, help="size of the bandwidth probe's array, GiB")
     parser.add_argument("--check", action="store_true", help="first check greedy tokens on the tiny preset")
-    parser.add_argument("--profile-batch", type=int, default=0,
+    parser.add_argument("--profile-batch", type=nonnegative_int, default=0,
                         help="also trace the decode step at this batch size (one of --batch-sizes); 0: none")
     parser.add_argument("--trace-dir", help="keep the --profile-batch trace in this directory")
-    parser.add_argument("--output-json")
-    args = parser.parse_args()
+    parser.add_argument("--output-json", type=output_file)
+    args = parser.parse_args(argv)
+    if args.profile_batch and args.profile_batch not in args.batch_sizes:
+        parser.error(f"--profile-batch: {args.profile_batch} is not one of --batch-sizes {args.batch_sizes}")
 
     results: dict[str, Any] = {"machine": machine_info(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
                                "model": args.model, "dtype": args.dtype, "context": args.context,

@@ -30,12 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench_common import machine_info, write_json
+from bench_common import machine_info, output_file, positive_float, positive_int, write_json
 from benchmark_pipeline import seconds_per_call
 from neo_jax.cpu_ops import append_kv, num_threads
 from neo_jax.cpu_ops.handoff import HostKvPool, host_kv_load, host_kv_store, synchronize, token_after
 from neo_jax.kv_cache import allocate_host_kv_pool
-from neo_jax.models.config import get_config
+from neo_jax.models.config import SUPPORTED_DTYPES, get_config
 from neo_jax.pipeline_step import swap_calls
 
 
@@ -95,14 +95,14 @@ def time_call_size(pool: HostKvPool, k_host: np.ndarray, v_host: np.ndarray, slo
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama-3-8b")
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--context", type=int, default=1024)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--requests", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--call-mb", type=float, nargs="+", default=[16, 256],
+    parser.add_argument("--dtype", default="bfloat16", choices=SUPPORTED_DTYPES)
+    parser.add_argument("--context", type=positive_int, default=1024)
+    parser.add_argument("--block-size", type=positive_int, default=16)
+    parser.add_argument("--requests", type=positive_int, nargs="+", default=[1, 4])
+    parser.add_argument("--call-mb", type=positive_float, nargs="+", default=[16, 256],
                         help="staging per store or load call (MiB): K and V rows, their indices, alignment")
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--output-json")
+    parser.add_argument("--iters", type=positive_int, default=10)
+    parser.add_argument("--output-json", type=output_file)
     args = parser.parse_args(argv)
 
     config = get_config(args.model).with_dtype(args.dtype)

@@ -22,6 +22,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
+from bench_common import existing_path  # noqa: E402
+
 POLICY_ORDER = ("gpu-only", "cpu-all", "neo")
 BASELINE = "gpu-only"
 
@@ -101,7 +103,8 @@ def latency_curves(results: list[dict]) -> dict[str, dict[str, list[tuple[float,
     """scenario -> policy -> (request rate, run) of the serving results at finite rates."""
     curves: dict = collections.defaultdict(lambda: collections.defaultdict(list))
     for result in results:
-        runs = [(run["request_rate"], run) for run in result.get("runs", []) if math.isfinite(run["request_rate"])]
+        rates = [(float(run["request_rate"]), run) for run in result.get("runs", [])]  # "inf", or Infinity before
+        runs = [(rate, run) for rate, run in rates if math.isfinite(rate)]
         if result["benchmark"] == "serving" and runs:
             curves[result["scenario"]][result["policy"]].extend(runs)
     return curves
@@ -136,7 +139,7 @@ def plot_latency(curves: dict[str, dict[str, list[tuple[float, dict]]]], path: p
 
 def main(argv: list[str] | None = None) -> list[pathlib.Path]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="+", type=pathlib.Path, help="JSON files or directories of them")
+    parser.add_argument("inputs", nargs="+", type=existing_path, help="JSON files or directories of them")
     parser.add_argument("--output-dir", type=pathlib.Path, default=None, help="default: beside the first input")
     args = parser.parse_args(argv)
     results = load_results(args.inputs)

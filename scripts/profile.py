@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 import time
 from typing import Callable
 
@@ -40,10 +42,13 @@ from neo_jax.cpu_ops import paged_decode_attention as cpu_paged_decode_attention
 from neo_jax.cpu_ops.handoff import HostKvPool, cpu_attention_start, cpu_attention_wait
 from neo_jax.kernels.paged_attention import paged_decode_attention
 from neo_jax.model_runner import STEP_COMPILER_OPTIONS
-from neo_jax.models.config import ModelConfig, get_config
+from neo_jax.models.config import SUPPORTED_DTYPES, ModelConfig, get_config
 from neo_jax.models.llama import init_layer_params, post_attention, pre_attention
 from neo_jax.sharded_host_attention import computed_after
 from neo_jax.sharding import LAYER_SPECS, check_tensor_parallel_size, make_mesh, named_shardings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_common, however this file is loaded
+from bench_common import option_error, output_file, positive_int  # noqa: E402
 
 NUMPY_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
 
@@ -240,24 +245,26 @@ def profile(config: ModelConfig, model: str, block_size: int, context_len: int, 
 def main(argv: list[str] | None = None) -> CostModel:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="preset name or HF checkpoint directory (as the engine gets it)")
-    parser.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: the model's)")
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--context-len", type=int, default=1024,
+    parser.add_argument("--dtype", default=None, choices=SUPPORTED_DTYPES, help="default: the model's")
+    parser.add_argument("--block-size", type=positive_int, default=16)
+    parser.add_argument("--context-len", type=positive_int, default=1024,
                         help="per-request context of the decode-attention points")
     parser.add_argument("--quick", action="store_true", help="a few small points (CPU smoke runs)")
     parser.add_argument("--cost-table-dir", default=str(DEFAULT_COST_TABLE_DIR))
-    parser.add_argument("--output", default=None, help="also save the table here")
-    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="devices the engine will split over")
+    parser.add_argument("--output", type=output_file, default=None, help="also save the table here")
+    parser.add_argument("--tensor-parallel-size", type=positive_int, default=1,
+                        help="devices the engine will split over")
     args = parser.parse_args(argv)
-    if args.block_size <= 0 or args.context_len <= 0:
-        parser.error("--block-size and --context-len must be positive")
-    config = get_config(args.model)
+    try:
+        config = get_config(args.model)
+    except ValueError as error:
+        option_error(parser, error)
     config = config.with_dtype(args.dtype) if args.dtype else config
     try:
         cost_model = profile(config, args.model, args.block_size, args.context_len, args.quick,
                              args.tensor_parallel_size)
     except ValueError as error:  # a tensor-parallel size the model or the machine cannot take
-        parser.error(str(error))
+        option_error(parser, error)
     path = cost_model.save(cost_table_path(args.cost_table_dir, args.model, config.dtype, args.block_size,
                                            cost_model.machine))
     print(f"saved {cost_model.describe()} to {path}")

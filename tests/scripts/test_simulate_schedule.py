@@ -56,3 +56,39 @@ def test_a_request_rate_spaces_the_arrivals_on_the_predicted_clock(load_script, 
 def test_a_policy_without_a_cost_table_is_refused(load_script):
     with pytest.raises(SystemExit):
         load_script("simulate_schedule").main(WORKLOAD)
+
+
+def test_results_go_to_output_json_with_the_setting(load_script, cost_table, tmp_path):
+    pools = ["--gpu-kv-cache-gb", "0.0001", "--cpu-kv-cache-gb", "0.001", "--cost-table", cost_table]
+    output = tmp_path / "new" / "simulated.json"
+    simulated = load_script("simulate_schedule").main(WORKLOAD + pools + ["--scenario", "tiny pools",
+                                                                          "--output-json", str(output)])
+    written = json.loads(output.read_text())
+    assert written["counters"] == simulated["counters"] and written["steps"] == simulated["steps"] > 0
+    assert written["scenario"] == "tiny pools" and written["policy"] == "neo"
+    assert written["args"]["cost_table"] == cost_table
+
+
+def test_output_tokens_are_those_the_requests_produce_under_max_model_len(load_script, cost_table):
+    """8 prompts of 24 tokens asking for 6: max_model_len 27 stops each after 3, as the engine does."""
+    pools = ["--gpu-kv-cache-gb", "0.0001", "--cpu-kv-cache-gb", "0.001", "--cost-table", cost_table]
+    simulated = load_script("simulate_schedule").main(WORKLOAD + pools + ["--range-ratio", "0",
+                                                                          "--max-model-len", "27"])
+    assert simulated["output_tokens"] == 8 * 3
+    assert simulated["predicted_output_tokens_per_s"] == pytest.approx(24 / simulated["predicted_seconds"])
+
+
+def test_a_prompt_the_engine_rejects_is_an_error(load_script, cost_table, capsys):
+    """Prompts of 24 +- 30% tokens (29 the longest drawn) with max_model_len 28: the engine would reject it."""
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("simulate_schedule").main(WORKLOAD + ["--cost-table", cost_table, "--max-model-len", "28"])
+    assert exit_info.value.code == 2
+    assert "argument --input-len: a prompt of 29 tokens is longer than max_model_len=28" in capsys.readouterr().err
+
+
+def test_the_tensor_parallel_size_splits_each_block_over_the_devices(load_script, cost_table):
+    """Each device holds 1/N of a block's KV heads: the same GPU budget holds N times the blocks."""
+    pools = ["--gpu-kv-cache-gb", "0.0001", "--cpu-kv-cache-gb", "0.001", "--cost-table", cost_table]
+    one = load_script("simulate_schedule").main(WORKLOAD + pools)
+    two = load_script("simulate_schedule").main(WORKLOAD + pools + ["--tensor-parallel-size", "2"])
+    assert two["num_gpu_blocks"] >= 2 * one["num_gpu_blocks"] and two["num_cpu_blocks"] == one["num_cpu_blocks"]
