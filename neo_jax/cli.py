@@ -46,10 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts given as arguments, then the file's non-blank lines; with neither, the built-in ones. A file
+    that cannot be read or holds no prompt raises ValueError naming it (not a run of the built-in prompts)."""
     prompts = list(args.prompts)
-    if args.prompts_file:
-        with open(args.prompts_file) as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if args.prompts_file is not None:
+        try:
+            with open(args.prompts_file) as f:
+                from_file = [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as error:
+            raise ValueError(f"argument --prompts-file: cannot read {args.prompts_file}: {error.strerror}") from None
+        if not from_file:
+            raise ValueError(f"argument --prompts-file: {args.prompts_file} holds no prompt (every line is blank)")
+        prompts += from_file
     return prompts or list(DEFAULT_PROMPTS)
 
 
@@ -57,10 +65,13 @@ def generate_main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        prompts = read_prompts(args)
+    except ValueError as error:
+        parser.error(str(error))
     from neo_jax.llm import LLM
     from neo_jax.sampling_params import SamplingParams
 
-    prompts = read_prompts(args)
     try:
         llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, gpu_kv_cache_gb=args.gpu_kv_cache_gb,
                   policy=args.policy, cpu_kv_cache_gb=args.cpu_kv_cache_gb, seed=args.seed,

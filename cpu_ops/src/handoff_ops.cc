@@ -131,7 +131,8 @@ std::string check_attention_operands(const HostKvPool& pool, ffi::AnyBuffer rows
       shape->q_dtype = dtype;
       known_dtype = true;
     }
-  if (!known_dtype) return std::string(op) + ": q_dtype must be float32, float16 or bfloat16, got " + std::string(q_dtype);
+  if (!known_dtype)
+    return std::string(op) + ": q_dtype must be float32, float16 or bfloat16, got " + std::string(q_dtype);
   if (num_reqs < 0) return std::string(op) + ": num_reqs must be >= 0, got " + std::to_string(num_reqs);
   if (num_q_heads <= 0 || num_q_heads % kv.num_kv_heads != 0)
     return std::string(op) + ": q has " + std::to_string(num_q_heads) +

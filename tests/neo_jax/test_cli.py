@@ -35,3 +35,21 @@ def test_options_the_engine_refuses_exit_with_their_name(capsys):
     with pytest.raises(SystemExit):
         generate_main(["--max-model-len", "0", *SMALL[2:]])
     assert "max_model_len: must be a positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lines", ["", "\n  \n"], ids=["empty", "blank lines"])
+def test_a_prompts_file_without_prompts_is_an_argument_error(capsys, tmp_path, lines):
+    path = tmp_path / "prompts.txt"
+    path.write_text(lines)
+    with pytest.raises(SystemExit) as exited:
+        generate_main(["--prompts-file", str(path), *SMALL])
+    assert exited.value.code == 2
+    assert f"argument --prompts-file: {path} holds no prompt" in capsys.readouterr().err
+
+
+def test_a_missing_prompts_file_is_an_argument_error(capsys, tmp_path):
+    path = tmp_path / "missing.txt"
+    with pytest.raises(SystemExit) as exited:
+        generate_main(["--prompts-file", str(path), *SMALL])
+    assert exited.value.code == 2
+    assert f"argument --prompts-file: cannot read {path}" in capsys.readouterr().err

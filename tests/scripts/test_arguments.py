@@ -115,20 +115,6 @@ def test_quick_only_changes_the_defaults(load_script):
     assert explicit.num_kv_heads == 2 and explicit.max_kv_gb == 0.5  # the quick defaults of the others
 
 
-@pytest.mark.parametrize("lines", ["", "\n  \n"], ids=["empty", "blank lines"])
-def test_generate_refuses_a_prompts_file_without_prompts(load_script, capsys, tmp_path, lines):
-    path = tmp_path / "prompts.txt"
-    path.write_text(lines)
-    message = exit_message(load_script("generate").main, ["--prompts-file", str(path)], capsys)
-    assert f"argument --prompts-file: {path} holds no prompt" in message
-
-
-def test_generate_refuses_a_missing_prompts_file(load_script, capsys, tmp_path):
-    path = tmp_path / "missing.txt"
-    message = exit_message(load_script("generate").main, ["--prompts-file", str(path)], capsys)
-    assert f"argument --prompts-file: cannot read {path}" in message
-
-
 @pytest.mark.parametrize("script", SCRIPTS_WITH_A_PARSER)
 def test_help_prints_the_docstring_as_written(load_script, capsys, script):
     module = load_script(script)
